@@ -1,0 +1,120 @@
+"""Topology-aware all-reduce: keep the slow inter-node links busy only with what must cross.
+
+`hierarchical`: intra-node reduce-scatter -> inter-node all-reduce of each chunk among
+its owners (one per node, along a rail) -> intra-node all-gather. Each node's uplinks
+carry 2(N-1)/N of the data once, instead of the flat ring's many crossings, and with K
+rails the K owners of different chunks use K NICs at once.
+
+Uneven nodes (3 + 5 ranks) work: the buffer is cut into M = max ranks-per-node chunks;
+on a node of L ranks local rank l owns chunks l, l+L, l+2L, ... so every chunk has
+exactly one owner per node, and the chunk's inter-node all-reduce runs among them.
+
+`hierarchical_leader`: reduce to each node's first rank, all-reduce among leaders,
+broadcast inside the node; fewest inter-node messages, for tiny vectors.
+
+Inner algorithms are chosen per level: `intra` in {ring, direct}, `inter` in {ring,
+recursive_doubling, rabenseifner, tree, native}.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from topocoll.topology import Topology
+
+from ..collectives import CollectiveSpec
+from ..plan import Plan, Scratch, blocks, finalize, reduce_op
+from ..schedule import Native, Region, Schedule
+from .direct import direct_all_gather, direct_reduce_scatter
+from .rabenseifner import rabenseifner_plan
+from .recursive_doubling import recursive_doubling_plan
+from .ring import ring_all_gather, ring_all_reduce_plan, ring_reduce_scatter
+from .tree import binomial_broadcast, binomial_reduce, tree_all_reduce_plan
+
+FlatAllReduce = Callable[[Plan, Scratch, Sequence[int], Region, str, int], None]
+
+FLAT_ALL_REDUCE: dict[str, FlatAllReduce] = {
+    "ring": ring_all_reduce_plan,
+    "recursive_doubling": recursive_doubling_plan,
+    "rabenseifner": rabenseifner_plan,
+    "tree": tree_all_reduce_plan,
+}
+INTER_CHOICES = (*FLAT_ALL_REDUCE, "native")
+INTRA_CHOICES = ("ring", "direct")
+
+TAG_INTRA = 1
+TAG_INTER_BASE = 16  # chunk j's inter-node exchange uses tag 16 + j
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"hierarchical: {name}={value!r} is not one of {', '.join(choices)}")
+
+
+def owned_chunks(chunks: Sequence[Region], node_size: int) -> list[list[Region]]:
+    """Local rank l of a node of `node_size` ranks owns chunks l, l+L, l+2L, ..."""
+    return [list(chunks[l::node_size]) for l in range(node_size)]
+
+
+def hierarchical_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region,
+                      op: str, intra: str = "ring", inter: str = "ring") -> None:
+    """In-place all-reduce of `region` over the whole topology."""
+    _check_choice("intra", intra, INTRA_CHOICES)
+    _check_choice("inter", inter, INTER_CHOICES)
+    width = max(topology.layout)
+    chunks = blocks(region, width)
+    reduce_scatter = ring_reduce_scatter if intra == "ring" else direct_reduce_scatter
+    all_gather = ring_all_gather if intra == "ring" else direct_all_gather
+    for ranks in topology.nodes:
+        reduce_scatter(plan, scratch, ranks, owned_chunks(chunks, len(ranks)), op, TAG_INTRA)
+    if topology.num_nodes > 1:
+        per_chunk: list[Plan] = []
+        for j, chunk in enumerate(chunks):
+            owners = [ranks[j % len(ranks)] for ranks in topology.nodes]
+            sub = Plan()
+            if inter == "native":
+                for rank in owners if chunk.count else ():
+                    sub.add(rank, [Native("all_reduce", tuple(owners), chunk, chunk, op=op)])
+            else:
+                FLAT_ALL_REDUCE[inter](sub, scratch, owners, chunk, op, TAG_INTER_BASE + j)
+            per_chunk.append(sub)
+        if inter == "native":  # one native call per phase: run a rank's chunks in turn
+            for sub in per_chunk:
+                plan.extend(sub)
+        else:
+            plan.extend(Plan.merge_parallel(per_chunk))
+    for ranks in topology.nodes:
+        all_gather(plan, ranks, owned_chunks(chunks, len(ranks)), TAG_INTRA)
+
+
+def leader_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region, op: str,
+                inter: str = "recursive_doubling") -> None:
+    """Reduce to node leaders, all-reduce among leaders, broadcast inside each node."""
+    _check_choice("inter", inter, INTER_CHOICES)
+    for ranks in topology.nodes:
+        binomial_reduce(plan, scratch, ranks, region, op, 0, TAG_INTRA)
+    leaders = [ranks[0] for ranks in topology.nodes]
+    if len(leaders) > 1:
+        if inter == "native":
+            for rank in leaders if region.count else ():
+                plan.add(rank, [Native("all_reduce", tuple(leaders), region, region, op=op)])
+        else:
+            FLAT_ALL_REDUCE[inter](plan, scratch, leaders, region, op, TAG_INTER_BASE)
+    for ranks in topology.nodes:
+        binomial_broadcast(plan, ranks, region, 0, TAG_INTRA)
+
+
+def all_reduce(topology: Topology, spec: CollectiveSpec, params: dict) -> Schedule:
+    plan, scratch = Plan(), Scratch()
+    options = {"intra": params.get("intra", "ring"), "inter": params.get("inter", "ring")}
+    hierarchical_plan(plan, scratch, topology, Region("data", 0, spec.count),
+                      reduce_op(spec.op), **options)
+    return finalize(plan, scratch, spec, topology, "hierarchical", {**params, **options})
+
+
+def all_reduce_leader(topology: Topology, spec: CollectiveSpec, params: dict) -> Schedule:
+    plan, scratch = Plan(), Scratch()
+    options = {"inter": params.get("inter", "recursive_doubling")}
+    leader_plan(plan, scratch, topology, Region("data", 0, spec.count), reduce_op(spec.op),
+                **options)
+    return finalize(plan, scratch, spec, topology, "hierarchical_leader", {**params, **options})
