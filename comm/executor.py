@@ -1,0 +1,208 @@
+"""Runs one rank's schedule on real transports.
+
+Per phase: post every send and receive (each on the transport of the level it crosses),
+poll them all to completion, then run the local steps. Sends and receives use views of
+the caller's tensors, so nothing is copied unless the schedule says `Copy` (or a
+transport must stage through its own memory); `ExecStats.bytes_copied` counts the
+schedule's copies so tests can hold algorithms to zero-copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from topocoll.topology import INTER, INTRA, SELF
+
+from .schedule import Copy, Native, RankProgram, Recv, Reduce, Region, Scale, Send
+from .transports.base import (
+    Backoff,
+    CollectiveTimeoutError,
+    DoneHandle,
+    Handle,
+    NativeCall,
+    Transport,
+    TransportError,
+)
+
+_INPLACE = {
+    "sum": lambda a, b: a.add_(b),
+    "prod": lambda a, b: a.mul_(b),
+    "min": lambda a, b: torch.minimum(a, b, out=a),
+    "max": lambda a, b: torch.maximum(a, b, out=a),
+}
+_OUT = {
+    "sum": lambda a, b, out: torch.add(a, b, out=out),
+    "prod": lambda a, b, out: torch.mul(a, b, out=out),
+    "min": lambda a, b, out: torch.minimum(a, b, out=out),
+    "max": lambda a, b, out: torch.maximum(a, b, out=out),
+}
+
+
+@dataclass
+class ExecStats:
+    """Debug counters, cumulative over the executor's life."""
+
+    collectives: int = 0
+    messages: int = 0
+    bytes_sent: int = 0
+    bytes_copied: int = 0
+    bytes_reduced: int = 0
+    per_level_bytes: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"collectives": self.collectives, "messages": self.messages,
+                "bytes_sent": self.bytes_sent, "bytes_copied": self.bytes_copied,
+                "bytes_reduced": self.bytes_reduced}
+
+
+class _SelfHandle(Handle):
+    def test(self) -> bool:
+        return True
+
+
+@dataclass
+class LevelTransports:
+    """Which transport serves which topology level (one setting, sensible defaults)."""
+
+    intra: Transport
+    inter: Transport
+
+    def for_kind(self, kind: str) -> Transport:
+        return self.inter if kind == INTER else self.intra
+
+    def all(self) -> list[Transport]:
+        return [self.intra] if self.intra is self.inter else [self.intra, self.inter]
+
+
+class Executor:
+    def __init__(self, rank: int, transports: LevelTransports, timeout: float = 300.0) -> None:
+        self.rank = rank
+        self.transports = transports
+        self.timeout = timeout
+        self.stats = ExecStats()
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def scratch(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        """Reusable scratch (grown, never shrunk): no allocation per call in steady state."""
+        key = (like.dtype, like.device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < count:
+            buf = torch.empty(max(count, 1), dtype=like.dtype, device=like.device)
+            self._scratch[key] = buf
+        return buf[:count]
+
+    def run(self, program: RankProgram, buffers: Mapping[str, torch.Tensor],
+            what: str = "collective") -> None:
+        """Execute `program`; `buffers` maps buffer names to flat tensors (tmp optional)."""
+        if program.rank != self.rank:
+            raise ValueError(f"rank {self.rank} was given the program of rank {program.rank}")
+        views = dict(buffers)
+        if "tmp" in program.buffers and "tmp" not in views:
+            like = next(iter(buffers.values()))
+            views["tmp"] = self.scratch(program.buffers["tmp"], like)
+        for index, phase in enumerate(program.phases):
+            self._run_phase(index, phase, views, what)
+        self.stats.collectives += 1
+
+    def _view(self, views: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
+        return views[region.buf][region.offset:region.end]
+
+    def _run_phase(self, index: int, phase: tuple, views: Mapping[str, torch.Tensor],
+                   what: str) -> None:
+        posted: list[tuple[Handle, object]] = []
+        self_sends: list[torch.Tensor] = []
+        self_recvs: list[torch.Tensor] = []
+        for step in phase:
+            if isinstance(step, Send) and step.src.count:
+                data = self._view(views, step.src)
+                if step.peer == self.rank:
+                    self_sends.append(data)
+                    continue
+                transport = self.transports.for_kind(step.level.kind if step.level else INTRA)
+                posted.append((transport.isend(data, step.peer, step.tag), step))
+                self.stats.messages += 1
+                self.stats.bytes_sent += data.numel() * data.element_size()
+                key = str(step.level) if step.level else INTRA
+                self.stats.per_level_bytes[key] = (self.stats.per_level_bytes.get(key, 0)
+                                                   + data.numel() * data.element_size())
+            elif isinstance(step, Recv) and step.dst.count:
+                data = self._view(views, step.dst)
+                if step.peer == self.rank:
+                    self_recvs.append(data)
+                    continue
+                transport = self.transports.for_kind(step.level.kind if step.level else INTRA)
+                posted.append((transport.irecv(data, step.peer, step.tag), step))
+            elif isinstance(step, Native) and step.src.count:
+                self._native(step, views)
+        for src, dst in zip(self_sends, self_recvs):  # a rank's message to itself
+            dst.copy_(src)
+            self.stats.bytes_copied += src.numel() * src.element_size()
+        self._wait_all(posted, index, what)
+        for step in phase:
+            if isinstance(step, Reduce):
+                self._reduce(step, views)
+            elif isinstance(step, Copy) and step.src.count:
+                dst, src = self._view(views, step.dst), self._view(views, step.src)
+                dst.copy_(src)
+                self.stats.bytes_copied += src.numel() * src.element_size()
+            elif isinstance(step, Scale) and step.dst.count:
+                self._view(views, step.dst).div_(step.divisor)
+
+    def _wait_all(self, posted: list[tuple[Handle, object]], index: int, what: str) -> None:
+        if not posted:
+            return
+        deadline = time.monotonic() + self.timeout
+        backoff = Backoff()
+        remaining = posted
+        while remaining:
+            still = []
+            try:
+                for handle, step in remaining:
+                    if not handle.test():
+                        still.append((handle, step))
+            except TransportError as exc:
+                raise TransportError(f"rank {self.rank}: {what} phase {index}: {exc}") from exc
+            if len(still) < len(remaining):
+                backoff.reset()
+            remaining = still
+            if not remaining:
+                return
+            if time.monotonic() > deadline:
+                handle, step = remaining[0]
+                direction = "send to" if isinstance(step, Send) else "recv from"
+                raise CollectiveTimeoutError(
+                    f"rank {self.rank}: {what} timed out after {self.timeout:.1f} s in phase "
+                    f"{index} waiting on {direction} rank {step.peer} (tag {step.tag}, "
+                    f"{handle.describe()}); {len(remaining)} operation(s) pending")
+            backoff.pause()
+
+    def _reduce(self, step: Reduce, views: Mapping[str, torch.Tensor]) -> None:
+        if not step.dst.count:
+            return
+        dst = self._view(views, step.dst)
+        srcs = [self._view(views, s) for s in step.srcs]
+        first, rest = srcs[0], srcs[1:]
+        if step.srcs[0] != step.dst:
+            if rest:
+                _OUT[step.op](first, rest[0], dst)
+                rest = rest[1:]
+            else:
+                dst.copy_(first)
+                self.stats.bytes_copied += first.numel() * first.element_size()
+        for other in rest:
+            _INPLACE[step.op](dst, other)
+        self.stats.bytes_reduced += dst.numel() * dst.element_size() * len(step.srcs[1:])
+
+    def _native(self, step: Native, views: Mapping[str, torch.Tensor]) -> None:
+        kind = step.level.kind if step.level else INTER
+        transport = self.transports.for_kind(INTRA if kind in (INTRA, SELF) else INTER)
+        transport.native(NativeCall(step.collective, step.group, self._view(views, step.src),
+                                    self._view(views, step.dst), step.counts, step.op,
+                                    step.root))
+
+
+__all__ = ["DoneHandle", "ExecStats", "Executor", "LevelTransports"]

@@ -1,0 +1,204 @@
+"""Shared-memory transport between processes of one host (CPU tensors).
+
+Each (sender, receiver, tag) channel is a single-producer single-consumer byte ring in
+its own POSIX shared-memory segment, created on first use by whichever side gets there
+first and reused for the life of the communicator: no allocation and no pickling per
+call. A message is copied into the ring by the sender and out of it by the receiver,
+chunk by chunk, so messages of any size stream through a fixed-size ring while both
+sides make progress (the executor polls every handle of a phase).
+
+Layout of a segment: int64 `head` (bytes ever written) at byte 0, int64 `tail` (bytes
+ever read) at byte 64 (its own cache line), data from byte 128. On x86 the stores that
+fill the data are visible before the store that advances `head` (TSO).
+
+The transport refuses peers whose host differs: the emulated cluster's namespaces share
+/dev/shm, and using it across them would bypass the network being measured.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .base import Handle, Transport, TransportError, as_bytes
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "topocoll-"
+HEADER = 128
+DEFAULT_CAPACITY = int(os.environ.get("TOPOCOLL_SHM_CHANNEL_BYTES", 1 << 20))
+
+
+class _Channel:
+    def __init__(self, path: Path, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        size = HEADER + capacity
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.header = np.frombuffer(self.map, dtype=np.int64, count=HEADER // 8)
+        self.ring = np.frombuffer(self.map, dtype=np.uint8, offset=HEADER, count=capacity)
+
+    @property
+    def head(self) -> int:
+        return int(self.header[0])
+
+    @property
+    def tail(self) -> int:
+        return int(self.header[8])
+
+    def close(self) -> None:
+        del self.header, self.ring
+        try:
+            self.map.close()
+        except BufferError:  # a view still alive somewhere; the OS frees it at exit
+            pass
+
+
+class _SendHandle(Handle):
+    def __init__(self, channel: _Channel, data: np.ndarray, peer: int) -> None:
+        self.channel, self.data, self.peer, self.done_bytes = channel, data, peer, 0
+
+    def test(self) -> bool:
+        ch, total = self.channel, self.data.size
+        while self.done_bytes < total:
+            head = ch.head
+            free = ch.capacity - (head - ch.tail)
+            if free <= 0:
+                return False
+            n = min(free, total - self.done_bytes)
+            _ring_write(ch, head, self.data[self.done_bytes:self.done_bytes + n])
+            ch.header[0] = head + n
+            self.done_bytes += n
+        return True
+
+    def describe(self) -> str:
+        return f"shm send to rank {self.peer} ({self.done_bytes}/{self.data.size} bytes)"
+
+
+class _RecvHandle(Handle):
+    def __init__(self, channel: _Channel, data: np.ndarray, peer: int) -> None:
+        self.channel, self.data, self.peer, self.done_bytes = channel, data, peer, 0
+
+    def test(self) -> bool:
+        ch, total = self.channel, self.data.size
+        while self.done_bytes < total:
+            tail = ch.tail
+            avail = ch.head - tail
+            if avail <= 0:
+                return False
+            n = min(avail, total - self.done_bytes)
+            _ring_read(ch, tail, self.data[self.done_bytes:self.done_bytes + n])
+            ch.header[8] = tail + n
+            self.done_bytes += n
+        return True
+
+    def describe(self) -> str:
+        return f"shm recv from rank {self.peer} ({self.done_bytes}/{self.data.size} bytes)"
+
+
+def _ring_write(ch: _Channel, position: int, src: np.ndarray) -> None:
+    start = position % ch.capacity
+    first = min(src.size, ch.capacity - start)
+    ch.ring[start:start + first] = src[:first]
+    if first < src.size:
+        ch.ring[:src.size - first] = src[first:]
+
+
+def _ring_read(ch: _Channel, position: int, dst: np.ndarray) -> None:
+    start = position % ch.capacity
+    first = min(dst.size, ch.capacity - start)
+    dst[:first] = ch.ring[start:start + first]
+    if first < dst.size:
+        dst[first:] = ch.ring[:dst.size - first]
+
+
+def host_identity() -> str:
+    """Hostname plus boot id: equal only for processes that really share /dev/shm and a host."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{os.uname().nodename}/{boot}"
+
+
+class SharedMemoryTransport(Transport):
+    name = "shm"
+
+    def __init__(self, rank: int, world_size: int, job_id: str, hosts: Sequence[str],
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(rank, world_size)
+        if len(hosts) != world_size:
+            raise ValueError(f"shm: {len(hosts)} host ids for {world_size} ranks")
+        if not job_id.isalnum():
+            raise ValueError(f"shm: job id must be alphanumeric, got {job_id!r}")
+        self.job_id = job_id
+        self.hosts = list(hosts)
+        self.capacity = capacity
+        self._channels: dict[tuple[int, int, int], _Channel] = {}
+
+    def _channel(self, src: int, dst: int, tag: int) -> _Channel:
+        key = (src, dst, tag)
+        channel = self._channels.get(key)
+        if channel is None:
+            peer = dst if src == self.rank else src
+            if self.hosts[peer] != self.hosts[self.rank]:
+                raise TransportError(
+                    f"shm: rank {self.rank} cannot reach rank {peer}: it runs on host "
+                    f"{self.hosts[peer]!r}, not {self.hosts[self.rank]!r}; use a network "
+                    "transport between nodes")
+            name = f"{PREFIX}{self.job_id}-{src}-{dst}-{tag}"
+            channel = _Channel(SHM_DIR / name, self.capacity)
+            self._channels[key] = channel
+        return channel
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
+        handle = _SendHandle(self._channel(self.rank, peer, tag), _host_bytes(tensor), peer)
+        handle.test()
+        return handle
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
+        return _RecvHandle(self._channel(peer, self.rank, tag), _host_bytes(tensor), peer)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+            try:
+                channel.path.unlink()
+            except FileNotFoundError:
+                pass
+        self._channels.clear()
+
+
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.device.type != "cpu":
+        raise TransportError("shm transport moves CPU tensors only; use CUDA IPC/NCCL for GPU")
+    if not tensor.is_contiguous():
+        raise TransportError("shm transport needs contiguous tensors")
+    return as_bytes(tensor).numpy()
+
+
+def stale_segments(job_id: str | None = None) -> list[Path]:
+    """topocoll segments in /dev/shm (of one job, or all): what a crashed run leaves."""
+    pattern = f"{PREFIX}{job_id}-*" if job_id else f"{PREFIX}*"
+    return sorted(SHM_DIR.glob(pattern)) if SHM_DIR.exists() else []
+
+
+def remove_segments(job_id: str | None = None) -> int:
+    removed = 0
+    for path in stale_segments(job_id):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
