@@ -12,8 +12,10 @@ Scratch space, where an algorithm needs it, is the buffer `tmp`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .ops import check_op
 
@@ -47,7 +49,8 @@ class CollectiveSpec:
 
     def __post_init__(self) -> None:
         if self.collective not in COLLECTIVES:
-            raise SpecError(f"unknown collective {self.collective!r}; known: {', '.join(COLLECTIVES)}")
+            raise SpecError(f"unknown collective {self.collective!r}; "
+                            f"known: {', '.join(COLLECTIVES)}")
         p = self.world_size
         if p < 1:
             raise SpecError(f"{self.collective}: world size must be >= 1, got {p}")
@@ -171,8 +174,8 @@ class CollectiveSpec:
 
 
 def _per_rank(counts: Sequence[int] | int, world_size: int) -> tuple[int, ...]:
-    if isinstance(counts, int):
-        return (counts,) * world_size
+    if isinstance(counts, numbers.Integral):
+        return (int(counts),) * world_size
     return tuple(int(c) for c in counts)
 
 

@@ -10,11 +10,10 @@ schedule's copies so tests can hold algorithms to zero-copy.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
-
 from topocoll.topology import INTER, INTRA, SELF
 
 from .schedule import Copy, Native, RankProgram, Recv, Reduce, Region, Scale, Send
@@ -169,16 +168,28 @@ class Executor:
             if len(still) < len(remaining):
                 backoff.reset()
             remaining = still
-            if not remaining:
+            if all(handle.blocking for handle, _ in remaining):
+                for handle, step in remaining:
+                    try:
+                        handle.wait(max(deadline - time.monotonic(), 0.001))
+                    except CollectiveTimeoutError as exc:
+                        raise self._timeout(index, what, handle, step, len(remaining)) from exc
+                    except TransportError as exc:
+                        raise TransportError(f"rank {self.rank}: {what} phase {index}: "
+                                             f"{exc}") from exc
                 return
             if time.monotonic() > deadline:
-                handle, step = remaining[0]
-                direction = "send to" if isinstance(step, Send) else "recv from"
-                raise CollectiveTimeoutError(
-                    f"rank {self.rank}: {what} timed out after {self.timeout:.1f} s in phase "
-                    f"{index} waiting on {direction} rank {step.peer} (tag {step.tag}, "
-                    f"{handle.describe()}); {len(remaining)} operation(s) pending")
+                handle, step = next((h, s) for h, s in remaining if not h.blocking)
+                raise self._timeout(index, what, handle, step, len(remaining))
             backoff.pause()
+
+    def _timeout(self, index: int, what: str, handle: Handle, step: object,
+                 pending: int) -> CollectiveTimeoutError:
+        direction = "send to" if isinstance(step, Send) else "recv from"
+        return CollectiveTimeoutError(
+            f"rank {self.rank}: {what} timed out after {self.timeout:.1f} s in phase {index} "
+            f"waiting on {direction} rank {step.peer} (tag {step.tag}, {handle.describe()}); "
+            f"{pending} operation(s) pending")
 
     def _reduce(self, step: Reduce, views: Mapping[str, torch.Tensor]) -> None:
         if not step.dst.count:

@@ -45,9 +45,11 @@ def dtype_info(name: str) -> DType:
 
 def check_op(op: str, dtype: str | None = None) -> None:
     """Raise `UnsupportedOpError` for an unknown op or an op the dtype cannot take."""
+    info = dtype_info(dtype) if dtype is not None else None
     if op not in REDUCE_OPS:
-        raise UnsupportedOpError(f"unsupported reduce op {op!r}; supported: {', '.join(REDUCE_OPS)}")
-    if dtype is not None and op == "avg" and not dtype_info(dtype).is_float:
+        raise UnsupportedOpError(
+            f"unsupported reduce op {op!r}; supported: {', '.join(REDUCE_OPS)}")
+    if info is not None and op == "avg" and not info.is_float:
         raise UnsupportedOpError(
             f"op 'avg' is not defined for integer dtype {dtype!r} (it would truncate); "
             "use 'sum' and divide"

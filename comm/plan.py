@@ -9,8 +9,8 @@ what came before (`extend`) or side by side with other sub-plans (`merge_paralle
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from topocoll.topology import Topology
 

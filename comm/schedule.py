@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Union
+from typing import Any
 
 from topocoll.topology import Level, Topology
 
@@ -123,7 +124,7 @@ class Native:
     level: Level | None = None
 
 
-Step = Union[Send, Recv, Reduce, Copy, Scale, Native]
+Step = Send | Recv | Reduce | Copy | Scale | Native
 Phase = tuple[Step, ...]
 COMM_STEPS = (Send, Recv, Native)
 LOCAL_STEPS = (Reduce, Copy, Scale)
@@ -185,7 +186,7 @@ class Schedule:
         if data.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"schedule schema {data.get('schema')!r} is not {SCHEMA_VERSION}")
         expected = data.pop("id", None)
-        if expected is not None and _content_hash(data) != expected:
+        if expected is None or _content_hash(data) != expected:
             raise ValueError("schedule content does not match its id (modified or corrupt)")
         return cls(
             collective=data["collective"],

@@ -55,9 +55,23 @@ def parse_layout(text: str) -> tuple[int, ...]:
 def parse_topology(text: str, world_size: int | None = None) -> Topology:
     """Parse any accepted form; check it matches `world_size` when given."""
     text = text.strip()
-    base, _, options = text.partition(":rails=")
+    try:
+        topo = _parse(text)
+    except TopologySpecError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise TopologySpecError(f"topology {text!r}: {exc}") from exc
+    if world_size is not None and topo.world_size != world_size:
+        raise TopologySpecError(
+            f"topology {text!r} declares {topo.world_size} ranks but the job has {world_size}"
+        )
+    return topo
+
+
+def _parse(text: str) -> Topology:
+    base, sep, options = text.partition(":rails=")
     rails = 1
-    if options:
+    if sep:
         try:
             rails = int(options)
         except ValueError as exc:
@@ -71,12 +85,8 @@ def parse_topology(text: str, world_size: int | None = None) -> Topology:
         topo = load_topology_file(Path(base))
     else:
         topo = Topology.from_layout(parse_layout(base), rails=rails)
-    if options and topo.rails != rails:
+    if sep and topo.rails != rails:
         topo = Topology(topo.node_of, rails, topo.hostnames, topo.intra_link, topo.inter_link)
-    if world_size is not None and topo.world_size != world_size:
-        raise TopologySpecError(
-            f"topology {text!r} declares {topo.world_size} ranks but the job has {world_size}"
-        )
     return topo
 
 

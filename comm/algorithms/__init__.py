@@ -7,8 +7,8 @@ benchmark and report pick it up from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from topocoll.topology import Topology
 

@@ -7,7 +7,7 @@ which is why the hierarchical algorithms offer it for their intra-node levels.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from topocoll.topology import Topology
 

@@ -18,7 +18,7 @@ recursive_doubling, rabenseifner, tree, native}.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from topocoll.topology import Topology
 

@@ -7,7 +7,7 @@ fold-out fix as recursive doubling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from topocoll.topology import Topology
 

@@ -8,7 +8,7 @@ power of two runs the exchange, and the result is handed back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from topocoll.topology import Topology
 

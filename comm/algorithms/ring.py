@@ -10,7 +10,7 @@ hierarchical algorithm gives a rank of a small node several chunks to own.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from topocoll.topology import Topology
 

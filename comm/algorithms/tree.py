@@ -6,7 +6,7 @@ and the building block of the leader-based hierarchical all-reduce.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from topocoll.topology import Topology
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -31,7 +31,15 @@ class NotSupportedError(TransportError):
 
 
 class Handle(abc.ABC):
-    """One posted send or receive."""
+    """One posted send or receive.
+
+    `blocking` handles (Gloo's send/recv report completion only from `wait()`) progress
+    in their library's own threads; the executor finishes every pollable handle of a
+    phase first and only then blocks on these, so no shared-memory stream stalls behind
+    them.
+    """
+
+    blocking = False
 
     @abc.abstractmethod
     def test(self) -> bool:

@@ -17,10 +17,11 @@ The transport refuses peers whose host differs: the emulated cluster's namespace
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,10 +59,8 @@ class _Channel:
 
     def close(self) -> None:
         del self.header, self.ring
-        try:
+        with contextlib.suppress(BufferError):  # a view still alive; freed at exit
             self.map.close()
-        except BufferError:  # a view still alive somewhere; the OS frees it at exit
-            pass
 
 
 class _SendHandle(Handle):
@@ -172,10 +171,8 @@ class SharedMemoryTransport(Transport):
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 channel.path.unlink()
-            except FileNotFoundError:
-                pass
         self._channels.clear()
 
 

@@ -7,12 +7,13 @@ take part, and cached for the life of the transport.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .base import Handle, NativeCall, Transport, TransportError
+from .base import CollectiveTimeoutError, Handle, NativeCall, Transport, TransportError
 
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -23,10 +24,25 @@ _REDUCE_OPS = {
 
 
 class _WorkHandle(Handle):
+    """Gloo's send/recv work only completes in `wait()`, so this handle is blocking."""
+
+    blocking = True
+
     def __init__(self, work: dist.Work, what: str) -> None:
         self.work = work
         self.what = what
         self.done = False
+
+    def wait(self, timeout: float) -> None:
+        if self.done:
+            return
+        try:
+            self.work.wait(timedelta(seconds=max(timeout, 0.001)))
+        except RuntimeError as exc:
+            if "imed out" in str(exc) or "imeout" in str(exc):
+                raise CollectiveTimeoutError(f"{self.what} timed out: {exc}") from exc
+            raise TransportError(f"{self.what} failed: {exc}") from exc
+        self.done = True
 
     def test(self) -> bool:
         if self.done:

@@ -1,0 +1,210 @@
+"""The benchmark harness: warm-up, size sweep, timing (slowest rank wins), checking, output.
+
+Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls, each started
+after a barrier on fresh input; a call's time is the slowest rank's, the row's time is
+the median over calls. With `check`, one more call on fresh input is compared element by
+element with the expected result on every rank and `#wrong` is the sum over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from topocoll.comm.algorithms import NATIVE, TUNED, algorithm_names
+from topocoll.comm.job import Job
+from topocoll.comm.transports.base import NotSupportedError
+
+from .collectives import ENTRIES, Case, count_wrong
+from .sizes import format_size
+
+COLUMNS = ("size", "count", "type", "redop", "algorithm", "time(us)", "algbw(GB/s)",
+           "busbw(GB/s)", "#wrong", "bound(us)", "%bound")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    collective: str
+    algorithms: tuple[str, ...]
+    sizes: tuple[int, ...]
+    dtype: str = "float32"
+    op: str = "sum"
+    iters: int = 5
+    warmup: int = 1
+    check: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    inter_rate_bps: float | None = None  # bytes/s of one inter-node link, for the bound
+
+
+def expand_algorithms(names: str | list[str], collective: str) -> tuple[str, ...]:
+    """`all` -> every generator for the collective; `native` and `tuned` pass through."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    known = algorithm_names(collective)
+    out: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        if item == "all":
+            out += [a for a in known if a not in out]
+        elif item in (NATIVE, TUNED) or item in known:
+            if item not in out:
+                out.append(item)
+        else:
+            raise ValueError(f"unknown algorithm {item!r} for {collective}; known: "
+                             f"{', '.join(known)}, native, tuned, all")
+    if not out:
+        raise ValueError("no algorithm selected")
+    return tuple(out)
+
+
+def _call(job: Job, collective: str, case: Case, algorithm: str, op: str
+          ) -> Callable[[], None]:
+    comm = job.communicator
+    algo = None if algorithm == TUNED else algorithm
+    if collective == "all_reduce":
+        return lambda: comm.all_reduce(case.work[0], op, algorithm=algo)
+    if collective == "reduce_scatter":
+        return lambda: comm.reduce_scatter(case.work[0], case.work[1], op, algorithm=algo)
+    if collective == "all_gather":
+        return lambda: comm.all_gather(case.work[0], case.work[1], algorithm=algo)
+    if collective == "all_to_all":
+        return lambda: comm.all_to_all_v(case.work[0], case.work[1], algorithm=algo)
+    ins, outs = case.extra["in_splits"], case.extra["out_splits"]
+    return lambda: comm.all_to_all_v(case.work[0], case.work[1], outs, ins, algorithm=algo)
+
+
+def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str) -> dict[str, Any] | None:
+    """One row (on every rank; rank 0's is the one reported). None if not supported."""
+    entry = ENTRIES[opts.collective]
+    case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
+    run = _call(job, opts.collective, case, algorithm, opts.op)
+    comm = job.communicator
+    try:
+        for _ in range(opts.warmup):
+            case.reset()
+            run()
+    except NotSupportedError:
+        return None
+    samples = []
+    for _ in range(opts.iters):
+        case.reset()
+        comm.barrier()
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e6)
+    chosen = comm.last_choice.algorithm if comm.last_choice else algorithm
+    wrong = 0
+    if opts.check:
+        case.reset()
+        run()
+        wrong = count_wrong(case.result(), case.expected(), opts.dtype, opts.op)
+    everyone = job.bootstrap.all_gather_json({"samples": samples, "wrong": wrong})
+    slowest = [max(r["samples"][i] for r in everyone) for i in range(len(samples))]
+    time_us = statistics.median(slowest)
+    element = case.work[0].element_size()
+    total_bytes = case.count * element
+    algbw = total_bytes / time_us / 1e3 if time_us > 0 else 0.0
+    return {
+        "collective": opts.collective,
+        "algorithm": algorithm,
+        "chosen": chosen,
+        "bytes": total_bytes,
+        "count": case.count,
+        "dtype": opts.dtype,
+        "op": opts.op if entry.reduces else None,
+        "time_us": round(time_us, 3),
+        "algbw_gbs": round(algbw, 6),
+        "busbw_gbs": round(algbw * entry.bus_factor(job.world_size), 6),
+        "wrong": sum(r["wrong"] for r in everyone) if opts.check else None,
+        "samples_us": [round(s, 3) for s in slowest],
+        "predicted_us": None,
+        "bound_us": None,
+    }
+
+
+def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
+              json_out: TextIO | None = None) -> list[dict[str, Any]]:
+    """Run every (size, algorithm); rank 0 prints the table and writes JSON lines."""
+    lead = job.rank == 0
+    topology = job.communicator.topology
+    context = {
+        "transport": job.transport,
+        "intra": job.intra,
+        "launcher": job.launcher,
+        "world_size": job.world_size,
+        "layout": list(topology.layout),
+        "topology": {**topology.to_dict(), "fingerprint": topology.fingerprint},
+        "versions": job.versions(),
+        "iters": opts.iters,
+        "warmup": opts.warmup,
+    }
+    if lead:
+        out.write(f"# topocoll bench: {opts.collective} over {job.transport} "
+                  f"(intra {job.intra}), {topology.describe()}\n")
+        out.write(_format_row(COLUMNS) + "\n")
+        out.flush()
+    rows = []
+    total = len(opts.sizes) * len(opts.algorithms)
+    with _progress(lead and total > 1, total) as advance:
+        for nbytes in opts.sizes:
+            for algorithm in opts.algorithms:
+                row = measure(job, opts, nbytes, algorithm)
+                advance()
+                if row is None:
+                    if lead:
+                        out.write(f"# {algorithm}: not supported by {job.transport}\n")
+                    continue
+                row = {**row, **context}
+                rows.append(row)
+                if lead:
+                    out.write(_format_row(_table_cells(row)) + "\n")
+                    out.flush()
+                    if json_out is not None:
+                        json_out.write(json.dumps(row, sort_keys=True) + "\n")
+                        json_out.flush()
+    return rows
+
+
+def _table_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    bound = row.get("bound_us")
+    name = row["algorithm"]
+    if row.get("chosen") and row["chosen"] != name:
+        name = f"{name}:{row['chosen']}"
+    return (
+        format_size(row["bytes"]), str(row["count"]), row["dtype"], row["op"] or "none", name,
+        f"{row['time_us']:.1f}", f"{row['algbw_gbs']:.3f}", f"{row['busbw_gbs']:.3f}",
+        "-" if row["wrong"] is None else str(row["wrong"]),
+        "-" if bound is None else f"{bound:.1f}",
+        "-" if bound is None else f"{100.0 * bound / row['time_us']:.0f}",
+    )
+
+
+_WIDTHS = (8, 10, 9, 6, 34, 12, 12, 12, 7, 11, 7)
+
+
+def _format_row(cells: tuple[str, ...]) -> str:
+    return "".join(c.rjust(w) if i != 4 else "  " + c.ljust(w - 2)
+                   for i, (c, w) in enumerate(zip(cells, _WIDTHS)))
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (rich if installed, else nothing)."""
+    if not enabled:
+        yield lambda: None
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError:
+        yield lambda: None
+        return
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
+        task = progress.add_task("benchmark", total=total)
+        yield lambda: progress.advance(task)

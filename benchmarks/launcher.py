@@ -1,0 +1,131 @@
+"""The local launcher: N ranks of a command on this machine, as torchrun or mpirun would.
+
+For the Gloo, UCX and shared-memory transports it starts the processes itself with the
+torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and hosts
+the TCPStore in this process on loopback, port 0 (so no port is guessed). For the MPI
+transport it runs `mpirun` (MPI ranks can only be started by MPI's own launcher).
+
+Every rank runs in its own session; the first rank to fail takes the others down (as
+mpirun does), and a job past its timeout is killed whole, so nothing outlives the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+AGENT_STORE_ENV = "TOPOCOLL_AGENT_STORE"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    failed_rank: int | None
+    stderr_tail: str
+
+
+def _kill(procs: Sequence[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
+
+
+def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str] | None = None,
+                 quiet_ranks: bool = True) -> LaunchResult:
+    """Run `python argv...` as ranks 0..n-1; rank 0's stdout is ours."""
+    import torch.distributed as dist
+
+    if n < 1:
+        raise LaunchError(f"need at least one rank, got -n {n}")
+    store = dist.TCPStore("127.0.0.1", 0, n, True, timeout=timedelta(seconds=timeout),
+                          wait_for_workers=False)
+    base = {**os.environ, **(env or {})}
+    base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                 "WORLD_SIZE": str(n), AGENT_STORE_ENV: "1", "OMP_NUM_THREADS": "1",
+                 "GLOO_SOCKET_IFNAME": base.get("GLOO_SOCKET_IFNAME", "lo")})
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for rank in range(n):
+            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            log = open(os.devnull, "w") if rank and quiet_ranks else None  # noqa: SIM115
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, *argv], env=rank_env, stdout=log,
+                stderr=subprocess.PIPE, start_new_session=True, text=True))
+        return _supervise(procs, timeout)
+    finally:
+        _kill(procs)
+        for log in logs:
+            if log is not None:
+                log.close()
+        del store
+
+
+def _supervise(procs: list[subprocess.Popen], timeout: float) -> LaunchResult:
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None:
+            _kill(procs)
+            tail = _stderr_tail(procs[failed])
+            for rank, proc in enumerate(procs):  # rank 0's stderr is the user's too
+                if rank == 0 and rank != failed:
+                    sys.stderr.write(_stderr_tail(proc))
+            return LaunchResult(codes[failed] or 1, failed, tail)
+        if all(c == 0 for c in codes):
+            sys.stderr.write(_stderr_tail(procs[0]))
+            return LaunchResult(0, None, "")
+        if time.monotonic() > deadline:
+            _kill(procs)
+            return LaunchResult(124, None, f"job killed after the {timeout:.0f} s timeout\n")
+        time.sleep(0.05)
+
+
+def _stderr_tail(proc: subprocess.Popen, limit: int = 4000) -> str:
+    if proc.stderr is None:
+        return ""
+    try:
+        text = proc.stderr.read() or ""
+    except ValueError:
+        return ""
+    return text[-limit:]
+
+
+def launch_mpirun(n: int, argv: Sequence[str], timeout: float,
+                  env: dict[str, str] | None = None) -> LaunchResult:
+    """`mpirun -n N python argv...` with the flags this machine needs (see transports.mpirun)."""
+    from topocoll.comm.transports.mpirun import run_mpirun
+
+    forwarded = sorted((env or {}).keys())
+    extra: list[str] = []
+    for name in forwarded:
+        extra += ["-x", name]
+    saved = {k: os.environ.get(k) for k in forwarded}
+    os.environ.update(env or {})
+    try:
+        result = run_mpirun(n, list(argv), timeout, extra=extra, capture=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    code = result.returncode
+    return LaunchResult(code, None if code == 0 else -1, result.stderr or "")

@@ -1,0 +1,71 @@
+"""Choosing an algorithm per call: environment override > tuning table > built-in default.
+
+The built-in defaults are deliberately simple rules of thumb from the literature
+(latency-bound small messages -> log-step algorithms; bandwidth-bound large ones ->
+ring/Rabenseifner; several nodes -> the hierarchical forms). The tuner replaces them with
+measured decisions for a given topology.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from topocoll.topology import Topology
+
+from .algorithms import algorithm_names
+
+ENV_PREFIX = "TOPOCOLL_ALGO_"
+
+
+@dataclass(frozen=True)
+class Choice:
+    algorithm: str
+    reason: str
+
+
+def env_override(collective: str) -> str | None:
+    """`TOPOCOLL_ALGO_ALL_REDUCE=ring` style forcing; validated against the registry."""
+    value = os.environ.get(ENV_PREFIX + collective.upper(), "").strip()
+    if not value:
+        return None
+    if value != "native" and value not in algorithm_names(collective):
+        raise ValueError(f"{ENV_PREFIX}{collective.upper()}={value!r} is not an algorithm for "
+                         f"{collective}; choose from {', '.join(algorithm_names(collective))}, "
+                         "native")
+    return value
+
+
+def default_choice(collective: str, nbytes: int, topology: Topology) -> Choice:
+    multi_node = topology.num_nodes > 1 and topology.world_size > topology.num_nodes
+    if collective == "all_reduce":
+        if nbytes <= 16 * 1024:
+            if multi_node:
+                return Choice("hierarchical_leader", "small message across nodes")
+            return Choice("recursive_doubling", "small message: fewest latency terms")
+        if multi_node:
+            return Choice("hierarchical", "large message across nodes: cross uplinks once")
+        return Choice("ring" if nbytes >= 4 << 20 else "rabenseifner",
+                      "bandwidth-bound on one node")
+    if collective in ("all_to_all", "all_to_all_v"):
+        per_peer = nbytes // max(topology.world_size, 1)
+        if multi_node:
+            return Choice("hierarchical_2d", "across nodes: one aggregated message per node pair")
+        if per_peer <= 256 and topology.world_size > 4:
+            return Choice("bruck", "tiny per-peer blocks: log2(p) rounds")
+        return Choice("pairwise", "no incast")
+    if collective in ("reduce_scatter", "all_gather"):
+        return Choice("direct" if topology.world_size <= 8 else "ring", "default")
+    return Choice("tree", "default")
+
+
+def choose(collective: str, nbytes: int, topology: Topology, table: object | None = None
+           ) -> Choice:
+    forced = env_override(collective)
+    if forced:
+        return Choice(forced, f"forced by {ENV_PREFIX}{collective.upper()}")
+    if table is not None and hasattr(table, "lookup"):
+        picked = table.lookup(collective, nbytes)
+        if picked:
+            return Choice(picked, "tuning table")
+    return default_choice(collective, nbytes, topology)
