@@ -11,14 +11,18 @@ mpirun does), and a job past its timeout is killed whole, so nothing outlives th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+
+from topocoll.comm.transports.shm import remove_segments
 
 AGENT_STORE_ENV = "TOPOCOLL_AGENT_STORE"
 
@@ -37,10 +41,8 @@ class LaunchResult:
 def _kill(procs: Sequence[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     for proc in procs:
         proc.wait()
 
@@ -54,7 +56,8 @@ def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str
         raise LaunchError(f"need at least one rank, got -n {n}")
     store = dist.TCPStore("127.0.0.1", 0, n, True, timeout=timedelta(seconds=timeout),
                           wait_for_workers=False)
-    base = {**os.environ, **(env or {})}
+    job = uuid.uuid4().hex[:12]
+    base = {**os.environ, "TOPOCOLL_JOB_ID": job, **(env or {})}
     base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
                  "WORLD_SIZE": str(n), AGENT_STORE_ENV: "1", "OMP_NUM_THREADS": "1",
                  "GLOO_SOCKET_IFNAME": base.get("GLOO_SOCKET_IFNAME", "lo")})
@@ -71,6 +74,7 @@ def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str
         return _supervise(procs, timeout)
     finally:
         _kill(procs)
+        remove_segments(job)  # what ranks that died could not unlink
         for log in logs:
             if log is not None:
                 log.close()
@@ -113,19 +117,15 @@ def launch_mpirun(n: int, argv: Sequence[str], timeout: float,
     """`mpirun -n N python argv...` with the flags this machine needs (see transports.mpirun)."""
     from topocoll.comm.transports.mpirun import run_mpirun
 
-    forwarded = sorted((env or {}).keys())
+    job = uuid.uuid4().hex[:12]
+    env = {"TOPOCOLL_JOB_ID": job, "OMP_NUM_THREADS": "1", **(env or {})}
     extra: list[str] = []
-    for name in forwarded:
+    for name in sorted(env):
         extra += ["-x", name]
-    saved = {k: os.environ.get(k) for k in forwarded}
-    os.environ.update(env or {})
     try:
-        result = run_mpirun(n, list(argv), timeout, extra=extra, capture=False)
+        result = run_mpirun(n, list(argv), timeout, extra=extra, env={**os.environ, **env})
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        remove_segments(job)
+    sys.stdout.write(result.stdout or "")
     code = result.returncode
-    return LaunchResult(code, None if code == 0 else -1, result.stderr or "")
+    return LaunchResult(code, None if code == 0 else -1, (result.stderr or "")[-4000:])

@@ -12,8 +12,8 @@ Scratch space, where an algorithm needs it, is the buffer `tmp`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

@@ -50,6 +50,12 @@ class CollectiveError(ValueError):
     """A collective call that cannot be run as given; names rank, collective and problem."""
 
 
+def job_id() -> str:
+    """The launcher's job id (so it can clean up after a crash), else a fresh one."""
+    given = os.environ.get("TOPOCOLL_JOB_ID", "")
+    return given if given.isalnum() else uuid.uuid4().hex[:12]
+
+
 def detect_topology(bootstrap: Bootstrap, rails: int = 1) -> Topology:
     """The override in TOPOCOLL_TOPOLOGY, else one node per distinct host of the job."""
     override = topology_from_env(bootstrap.world_size)
@@ -84,7 +90,7 @@ class Communicator:
         if topology is None:
             topology = topology_from_env(bootstrap.world_size) or Topology.from_hosts(hosts)
         if intra == "shm":
-            job = bootstrap.broadcast_json(uuid.uuid4().hex[:12])
+            job = bootstrap.broadcast_json(job_id())
             intra_transport: Transport = SharedMemoryTransport(
                 bootstrap.rank, bootstrap.world_size, job, hosts)
         elif intra == "same":

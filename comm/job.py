@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from .bootstrap import Bootstrap, MPIBootstrap, StoreBootstrap
-from .communicator import DEFAULT_TIMEOUT, Communicator
+from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
 from .transports.base import Transport
 
 TRANSPORTS = ("gloo", "mpi", "ucx", "shm", "nccl")
@@ -78,8 +78,11 @@ def _store_from_env(timeout: float) -> tuple[Any, int, int]:
         raise JobSetupError(
             f"no launcher environment: {exc.args[0]} is unset; run under mpirun, torchrun "
             "or `topocoll bench --launcher local`") from None
-    store = dist.TCPStore(addr, port, world, rank == 0, timeout=timedelta(seconds=timeout),
-                          wait_for_workers=False)
+    # torchrun's agent (and our local launcher) host the store; otherwise rank 0 does.
+    agent_hosts = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
+                   or os.environ.get("TOPOCOLL_AGENT_STORE", "") == "1")
+    store = dist.TCPStore(addr, port, world, rank == 0 and not agent_hosts,
+                          timeout=timedelta(seconds=timeout), wait_for_workers=False)
     return store, rank, world
 
 
@@ -158,6 +161,6 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
         from .transports.shm import SharedMemoryTransport, host_identity
 
         hosts = bootstrap.all_gather_json(host_identity())
-        job = bootstrap.broadcast_json(os.urandom(6).hex())
+        job = bootstrap.broadcast_json(job_id())
         return SharedMemoryTransport(bootstrap.rank, bootstrap.world_size, job, hosts), store
     raise JobSetupError(f"unknown transport {name!r}")

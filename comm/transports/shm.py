@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +49,14 @@ class _Channel:
             os.close(fd)
         self.header = np.frombuffer(self.map, dtype=np.int64, count=HEADER // 8)
         self.ring = np.frombuffer(self.map, dtype=np.uint8, offset=HEADER, count=capacity)
+        # Messages of one channel are a byte stream: only the oldest unfinished send (or
+        # receive) may move bytes, or two messages posted in one phase would interleave.
+        self.sends: deque[_SendHandle] = deque()
+        self.recvs: deque[_RecvHandle] = deque()
+
+    def progress(self, queue: deque) -> None:
+        while queue and queue[0].advance():
+            queue.popleft()
 
     @property
     def head(self) -> int:
@@ -66,8 +75,14 @@ class _Channel:
 class _SendHandle(Handle):
     def __init__(self, channel: _Channel, data: np.ndarray, peer: int) -> None:
         self.channel, self.data, self.peer, self.done_bytes = channel, data, peer, 0
+        channel.sends.append(self)
 
     def test(self) -> bool:
+        if self.done_bytes < self.data.size:
+            self.channel.progress(self.channel.sends)
+        return self.done_bytes >= self.data.size
+
+    def advance(self) -> bool:
         ch, total = self.channel, self.data.size
         while self.done_bytes < total:
             head = ch.head
@@ -87,8 +102,14 @@ class _SendHandle(Handle):
 class _RecvHandle(Handle):
     def __init__(self, channel: _Channel, data: np.ndarray, peer: int) -> None:
         self.channel, self.data, self.peer, self.done_bytes = channel, data, peer, 0
+        channel.recvs.append(self)
 
     def test(self) -> bool:
+        if self.done_bytes < self.data.size:
+            self.channel.progress(self.channel.recvs)
+        return self.done_bytes >= self.data.size
+
+    def advance(self) -> bool:
         ch, total = self.channel, self.data.size
         while self.done_bytes < total:
             tail = ch.tail

@@ -1,0 +1,53 @@
+"""`topocoll bench --launcher local` for every transport and collective: wrong = 0 everywhere.
+
+This is the acceptance command of the transports issue, with fewer iterations to keep CI
+short; every algorithm of the library must appear in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from topocoll.benchmarks.sizes import parse_sizes
+from topocoll.comm import algorithm_names
+from topocoll.extras import available
+
+TRANSPORTS = ["gloo", "mpi", "ucx", "shm"]
+COLLECTIVES = ["all_reduce", "all_to_all", "all_to_all_v"]
+REQUIRED_FIELDS = {"collective", "algorithm", "transport", "world_size", "layout", "bytes",
+                   "dtype", "op", "time_us", "algbw_gbs", "busbw_gbs", "wrong", "bound_us",
+                   "predicted_us"}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("collective", COLLECTIVES)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bench_every_algorithm_verified(transport, collective, tmp_path: Path,
+                                        no_leaked_segments) -> None:
+    if transport == "mpi" and not available("mpi4py"):
+        pytest.skip("mpi4py is not installed (extra 'mpi')")
+    if transport == "ucx" and not available("ucxx"):
+        pytest.skip("ucxx is not installed (extra 'ucx')")
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "topocoll", "bench", "--launcher", "local", "-n", "5",
+           "--layout", "2,3", "--transport", transport, "--collective", collective,
+           "--algorithm", "all", "--sizes", "1K:1M", "--check", "--json", str(out),
+           "--iters", "2", "--warmup", "0", "--timeout", "120"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sizes = parse_sizes("1K:1M")
+    assert {r["algorithm"] for r in rows} == set(algorithm_names(collective))
+    assert len(rows) == len(sizes) * len(algorithm_names(collective))
+    for row in rows:
+        assert REQUIRED_FIELDS <= set(row), REQUIRED_FIELDS - set(row)
+        assert row["wrong"] == 0, row
+        assert row["transport"] == transport and row["world_size"] == 5
+        assert row["layout"] == [2, 3] and row["time_us"] > 0
+    assert "#wrong" in result.stdout  # the nccl-tests style table header

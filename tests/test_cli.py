@@ -1,0 +1,106 @@
+"""The command line: every subcommand has --help; bad arguments fail clearly, non-zero."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from topocoll.cli import EXIT_NOT_YET, build_parser, main
+
+SUBCOMMANDS = ["bench", "cluster", "profile", "tune", "simulate", "report", "topo",
+               "algorithms", "schedule"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "topocoll", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_top_level_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout, name
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: topocoll" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["up", "down", "status", "run"])
+def test_cluster_action_help(action: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cluster", action, "--help"])
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--collective", "all_smash"], "invalid choice"),
+    (["bench", "--transport", "carrier-pigeon"], "invalid choice"),
+    (["bench", "--iters", "0"], "positive integer"),
+    (["bench", "--dtype", "float8"], "invalid choice"),
+    (["nonsense"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_exit_non_zero(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--sizes", "12Q"], "bad size"),
+    (["bench", "--sizes", "1M:1K"], "bad size range"),
+    (["bench", "--algorithm", "quantum"], "unknown algorithm 'quantum'"),
+    (["bench", "--layout", "2,0"], "every node needs at least one rank"),
+    (["bench", "-n", "4", "--layout", "2,3"], "does not match"),
+    (["topo", "--layout", "abc"], "layout"),
+    (["topo", "--preset", "nope"], "unknown preset"),
+    (["schedule", "--algorithm", "ring", "--layout", "2,3", "--param", "oops"], "KEY=VALUE"),
+    (["schedule", "--algorithm", "nope", "--layout", "2"], "no algorithm 'nope'"),
+])
+def test_bad_values_give_one_line_errors(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["profile"], ["tune"], ["simulate"], ["report", "x.json",
+                                                                      "--out", "r"]])
+def test_later_subcommands_say_when_they_arrive(argv, capsys):
+    assert main(argv) == EXIT_NOT_YET
+    assert "arrives with issue" in capsys.readouterr().err
+
+
+def test_topo_json(capsys):
+    assert main(["topo", "--layout", "3,5:rails=2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["layout"] == [3, 5] and data["rails"] == 2 and len(data["fingerprint"]) == 16
+
+
+def test_schedule_verifies_and_prints(capsys):
+    assert main(["schedule", "--algorithm", "hierarchical", "--layout", "3,5", "--count",
+                 "101", "--param", "inter=rabenseifner", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "verified" in out and "hierarchical" in out
+
+
+def test_algorithms_lists_the_library(capsys):
+    assert main(["algorithms"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ring", "recursive_doubling", "rabenseifner", "tree", "hierarchical",
+                 "hierarchical_leader", "pairwise", "bruck", "hierarchical_2d"):
+        assert name in out
+
+
+def test_parser_builds():
+    assert build_parser().prog == "topocoll"

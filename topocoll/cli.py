@@ -1,0 +1,291 @@
+"""The `topocoll` command: bench, cluster, profile, tune, simulate, report, topo, ...
+
+Option names, algorithm names and JSON fields are the contract in the design notes;
+scripts depend on them, so they stay stable. Subcommands whose issue has not landed yet
+say so and exit with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from topocoll import __version__
+
+EXIT_USAGE = 2
+EXIT_NOT_YET = 3
+
+COLLECTIVE_CHOICES = ("all_reduce", "all_to_all", "all_to_all_v", "reduce_scatter",
+                      "all_gather")
+DTYPE_CHOICES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
+OP_CHOICES = ("sum", "prod", "min", "max", "avg")
+TRANSPORT_CHOICES = ("gloo", "mpi", "ucx", "shm", "nccl")
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+# ----- bench ----------------------------------------------------------------------------
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark algorithms and native baselines",
+                       description="Run a size sweep of one collective for each algorithm "
+                                   "(nccl-tests style rows, JSON lines with --json).")
+    p.add_argument("--launcher", choices=("local", "mpirun", "torchrun"), default="local",
+                   help="local: spawn -n ranks here; mpirun/torchrun: this process is one "
+                        "rank of a job those started (default: local)")
+    p.add_argument("-n", "--nranks", type=_positive_int, default=None,
+                   help="ranks to start with --launcher local (default: sum of --layout, "
+                        "else 4)")
+    p.add_argument("--layout", default=None,
+                   help="ranks per node for a local run, e.g. 2,3 or 2x4[:rails=2]")
+    p.add_argument("--transport", choices=TRANSPORT_CHOICES, default="gloo",
+                   help="transport between nodes (default: gloo)")
+    p.add_argument("--intra", choices=("shm", "same"), default="shm",
+                   help="transport inside a node: shared memory or the same as --transport")
+    p.add_argument("--collective", choices=COLLECTIVE_CHOICES, default="all_reduce")
+    p.add_argument("--algorithm", default="all",
+                   help="comma-separated algorithm names, 'all', 'native', 'tuned'")
+    p.add_argument("--sizes", default="1K:1M", help="e.g. 1K:64M (powers of two), 4K,1M")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--op", choices=OP_CHOICES, default="sum")
+    p.add_argument("--iters", type=_positive_int, default=5)
+    p.add_argument("--warmup", type=_non_negative_int, default=1)
+    p.add_argument("--check", action="store_true", help="verify every result (#wrong)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write JSON lines here")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before a stuck collective fails (and the job is killed)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from topocoll.benchmarks.command import run_bench_command
+
+    return run_bench_command(args)
+
+
+# ----- topo / algorithms / schedule ----------------------------------------------------
+def add_topo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topo", help="show a topology (layout, preset, file or environment)",
+                       description="Describe the topology a job would use: from --layout, "
+                                   "--preset, or TOPOCOLL_TOPOLOGY.")
+    p.add_argument("--layout", default=None, help="e.g. 2,3 or 2x4:rails=2 or a JSON file")
+    p.add_argument("--preset", default=None, help="a preset name (see --list-presets)")
+    p.add_argument("--nodes", type=_positive_int, default=None, help="nodes for --preset")
+    p.add_argument("--list-presets", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_topo)
+
+
+def _topology_from_args(layout: str | None, preset: str | None = None,
+                        nodes: int | None = None):
+    from topocoll.topology import PRESETS, parse_topology, topology_from_env
+
+    if preset:
+        if preset not in PRESETS:
+            raise CommandError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[preset].topology(nodes)
+    if layout:
+        return parse_topology(layout)
+    topo = topology_from_env()
+    if topo is None:
+        raise CommandError("give --layout, --preset or set TOPOCOLL_TOPOLOGY")
+    return topo
+
+
+def cmd_topo(args: argparse.Namespace) -> int:
+    from topocoll.topology import PRESETS
+
+    if args.list_presets:
+        for preset in PRESETS.values():
+            print(f"{preset.name:22s} {preset.description}")
+        return 0
+    topo = _topology_from_args(args.layout, args.preset, args.nodes)
+    if args.json:
+        print(json.dumps({**topo.to_dict(), "fingerprint": topo.fingerprint}, indent=2))
+        return 0
+    print(topo.describe())
+    print(f"fingerprint {topo.fingerprint}")
+    for index, ranks in enumerate(topo.nodes):
+        rails = ", ".join(f"{r}:rail{topo.rail_of(r)}" for r in ranks)
+        print(f"  node {index}: {rails}")
+    return 0
+
+
+def add_algorithms(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("algorithms", help="list the algorithm library",
+                       description="List every algorithm of every collective.")
+    p.add_argument("--collective", choices=(*COLLECTIVE_CHOICES, "broadcast"), default=None)
+    p.set_defaults(func=cmd_algorithms)
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from topocoll.comm.algorithms import ALGORITHMS
+
+    for (collective, name), algo in ALGORITHMS.items():
+        if args.collective in (None, collective):
+            tag = " [topology-aware]" if algo.topology_aware else ""
+            print(f"{collective:15s} {name:20s} {algo.summary}{tag}")
+    return 0
+
+
+def add_schedule(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schedule", help="build, verify and print one algorithm's schedule",
+                       description="Build a schedule, check it with the verifier on random "
+                                   "data, and print a summary (or the JSON with --json).")
+    p.add_argument("--collective", choices=(*COLLECTIVE_CHOICES, "broadcast"),
+                   default="all_reduce")
+    p.add_argument("--algorithm", required=True)
+    p.add_argument("--layout", required=True, help="e.g. 2,3 or 2x4:rails=2")
+    p.add_argument("--count", type=_non_negative_int, default=16,
+                   help="elements (per peer for all-to-all)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--op", choices=OP_CHOICES, default="sum")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm parameter, e.g. inter=rabenseifner")
+    p.add_argument("--json", action="store_true", help="print the schedule JSON")
+    p.set_defaults(func=cmd_schedule)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from topocoll.comm import CollectiveSpec, build_schedule
+    from topocoll.comm.verifier import verify
+
+    topo = _topology_from_args(args.layout)
+    p = topo.world_size
+    spec = {
+        "all_reduce": lambda: CollectiveSpec.all_reduce(p, args.count, args.op),
+        "broadcast": lambda: CollectiveSpec.broadcast(p, args.count),
+        "reduce_scatter": lambda: CollectiveSpec.reduce_scatter(p, args.count, args.op),
+        "all_gather": lambda: CollectiveSpec.all_gather(p, args.count),
+        "all_to_all": lambda: CollectiveSpec.all_to_all(p, args.count),
+        "all_to_all_v": lambda: CollectiveSpec.all_to_all_v(
+            [[(i + 2 * j) % 3 * args.count for j in range(p)] for i in range(p)]),
+    }[args.collective]()
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CommandError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key] = value
+    schedule = build_schedule(args.algorithm, topo, spec, **params)
+    if args.json:
+        print(schedule.to_json())
+        return 0
+    report = verify(schedule, args.dtype)
+    phases = max(len(prog.phases) for prog in schedule.programs)
+    print(f"{args.collective} {args.algorithm} on {topo.describe()}")
+    print(f"schedule id {schedule.id}: {phases} phases (max over ranks), {report.messages} "
+          f"messages, {report.elements_moved} elements moved; verified on random "
+          f"{args.dtype} data (max error {report.max_error:.3g})")
+    return 0
+
+
+# ----- not yet landed ------------------------------------------------------------------
+def _not_yet(name: str, issue: int, text: str) -> argparse.ArgumentParser:
+    def run(args: argparse.Namespace) -> int:
+        print(f"topocoll {name}: arrives with issue #{issue} ({text}); not available in "
+              f"{__version__}", file=sys.stderr)
+        return EXIT_NOT_YET
+
+    return run  # type: ignore[return-value]
+
+
+def add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="emulated multi-node cluster (network namespaces)",
+                       description="Bring an emulated cluster up or down, or run a job on it.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = actions.add_parser("up", help="create node namespaces, bridge(s), shaped uplinks")
+    up.add_argument("--nodes", type=_positive_int, default=2)
+    up.add_argument("--ranks-per-node", type=_positive_int, default=4)
+    up.add_argument("--layout", default=None, help="uneven nodes, e.g. 3,5")
+    up.add_argument("--rails", type=_positive_int, default=1)
+    up.add_argument("--inter-node-rate", default="1gbit", help="tbf rate per uplink")
+    actions.add_parser("down", help="remove everything `up` created")
+    actions.add_parser("status", help="show what exists")
+    run = actions.add_parser("run", help="run a command across the nodes")
+    run.add_argument("--launcher", choices=("mpirun", "torchrun"), required=True)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
+    p.set_defaults(func=_not_yet("cluster", 6, "emulated multi-node cluster"))
+
+
+def add_later(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure alpha/beta per link class",
+                       description="Ping-pong and concurrent sweeps per link class.")
+    p.add_argument("--out", default="profile.json")
+    p.set_defaults(func=_not_yet("profile", 7, "interconnect profiler"))
+    p = sub.add_parser("tune", help="build the decision table",
+                       description="Rank algorithms by the cost model, measure the best, and "
+                                   "write the decision table JSON.")
+    p.add_argument("--out", default=None)
+    p.add_argument("--show", default=None, metavar="FILE")
+    p.add_argument("--model-only", action="store_true")
+    p.set_defaults(func=_not_yet("tune", 7, "tuner"))
+    p = sub.add_parser("simulate", help="price algorithms at scales we cannot run",
+                       description="Predicted time and busbw of every algorithm.")
+    p.add_argument("--preset", default="8x-nvlink-400g")
+    p.add_argument("--nodes", type=_positive_int, default=128)
+    p.set_defaults(func=_not_yet("simulate", 7, "simulator"))
+    p = sub.add_parser("report", help="HTML/PNG report from benchmark JSON",
+                       description="Turn benchmark JSON, a profile and a tuning table into "
+                                   "an HTML page and figures.")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_not_yet("report", 8, "tuning report generator"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topocoll",
+        description="Topology-aware collectives: algorithms, benchmarks, tuner, reports.")
+    parser.add_argument("--version", action="version", version=f"topocoll {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_bench, add_cluster, add_later, add_topo, add_algorithms, add_schedule):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        print(f"topocoll {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # a missing optional extra: one line, no traceback
+        print(f"topocoll {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # bad values that argparse cannot see (layouts, sizes...)
+        print(f"topocoll {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
