@@ -80,6 +80,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _run_rank(args: argparse.Namespace) -> int:
     import torch
+
     from topocoll.comm.job import init_job
 
     torch.set_num_threads(1)  # ranks share the machine's cores

@@ -60,6 +60,7 @@ def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str
     base = {**os.environ, "TOPOCOLL_JOB_ID": job, **(env or {})}
     base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
                  "WORLD_SIZE": str(n), AGENT_STORE_ENV: "1", "OMP_NUM_THREADS": "1",
+                 "TORCHELASTIC_USE_AGENT_STORE": "True",
                  "GLOO_SOCKET_IFNAME": base.get("GLOO_SOCKET_IFNAME", "lo")})
     procs: list[subprocess.Popen] = []
     logs = []

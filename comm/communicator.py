@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
 from topocoll.topology import Topology, topology_from_env
 
 from .algorithms import NATIVE, TUNED, get_algorithm

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
 from topocoll.topology import INTER, INTRA, SELF
 
 from .schedule import Copy, Native, RankProgram, Recv, Reduce, Region, Scale, Send

@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 import torch
+
 from topocoll.comm import CollectiveSpec, algorithm_names
 from topocoll.comm.job import init_job
 from topocoll.comm.reference import abs_bound, compare, random_inputs, reference

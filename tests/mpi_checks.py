@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 import torch
+
 from topocoll.comm.transports.base import Backoff, Handle, NativeCall, TransportError
 from topocoll.comm.transports.mpi import MPITransport
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from topocoll.comm.algorithms import algorithm_names, build_schedule
 from topocoll.comm.algorithms.hierarchical import INTER_CHOICES, INTRA_CHOICES
 from topocoll.comm.collectives import COLLECTIVES, REDUCING, CollectiveSpec

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from topocoll.comm.algorithms import algorithm_names, build_schedule
 from topocoll.comm.collectives import COLLECTIVES, CollectiveSpec
 from topocoll.comm.schedule import (

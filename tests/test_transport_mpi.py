@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from topocoll.comm.transports import mpirun as launcher
 from topocoll.comm.transports.mpi import MISSING_EXTRA, load_mpi
 

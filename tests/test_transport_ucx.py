@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import pytest
 import torch
+
 from topocoll.comm.transports import ucx as ucx_transport
 
 # The transport's defaults go into the environment before ucxx is first imported here,

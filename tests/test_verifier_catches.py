@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from topocoll.comm.algorithms import build_schedule
 from topocoll.comm.algorithms.ring import ring_reduce_scatter
 from topocoll.comm.collectives import CollectiveSpec

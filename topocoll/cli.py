@@ -87,6 +87,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
+# ----- pingpong -------------------------------------------------------------------------
+def add_pingpong(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pingpong", help="point-to-point latency/bandwidth of one transport",
+                       description="Ranks 0 and 1 bounce a uint8 tensor of each size through "
+                                   "the transport's raw isend/irecv: one-way latency (median "
+                                   "round trip / 2), bandwidth, round-trip min/median/max; "
+                                   "the last round trip's payload is verified.")
+    p.add_argument("--launcher", choices=("local", "mpirun", "torchrun"), default="local",
+                   help="local: start 2 ranks here; mpirun/torchrun: this process is one "
+                        "rank of a job those started (default: local)")
+    p.add_argument("--transport", choices=("gloo", "mpi", "ucx", "shm"), default="gloo",
+                   help="the transport measured (shm: shared memory; the others also carry "
+                        "intra-node traffic, i.e. --intra same)")
+    p.add_argument("--sizes", default="1K:64M", help="e.g. 1K:64M (powers of two), 4K,1M")
+    p.add_argument("--iters", type=_positive_int, default=50,
+                   help="timed round trips per size; sizes >= 4 MiB get at most 5 "
+                        "(default: 50)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5,
+                   help="untimed round trips per size, at most a fifth of --iters and at "
+                        "least 1 (default: 5)")
+    p.add_argument("--poll", choices=("backoff", "spin"), default="backoff",
+                   help="between polls: the executor's backoff (yield, then short sleeps) or "
+                        "a hot loop (default: backoff)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write JSON lines here")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds before a stuck round trip fails (and the job is killed)")
+    p.set_defaults(func=cmd_pingpong)
+
+
+def cmd_pingpong(args: argparse.Namespace) -> int:
+    from topocoll.benchmarks.pingpong import run_pingpong_command
+
+    return run_pingpong_command(args)
+
+
 # ----- topo / algorithms / schedule ----------------------------------------------------
 def add_topo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("topo", help="show a topology (layout, preset, file or environment)",
@@ -224,12 +259,46 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--layout", default=None, help="uneven nodes, e.g. 3,5")
     up.add_argument("--rails", type=_positive_int, default=1)
     up.add_argument("--inter-node-rate", default="1gbit", help="tbf rate per uplink")
+    up.add_argument("--burst", default="32kb",
+                    help="tbf burst per uplink, let through at line speed (default: 32kb)")
     actions.add_parser("down", help="remove everything `up` created")
     actions.add_parser("status", help="show what exists")
     run = actions.add_parser("run", help="run a command across the nodes")
     run.add_argument("--launcher", choices=("mpirun", "torchrun"), required=True)
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds before the job is killed (exit status 124)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
-    p.set_defaults(func=_not_yet("cluster", 6, "emulated multi-node cluster"))
+    p.set_defaults(func=cmd_cluster)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from topocoll.topology import cluster
+
+    try:
+        if args.action == "up":
+            state = cluster.cluster_up(args.nodes, args.ranks_per_node, layout=args.layout,
+                                       rails=args.rails, rate=args.inter_node_rate,
+                                       burst=args.burst)
+            print(cluster.format_status(state, state.namespaces))
+            return 0
+        if args.action == "down":
+            removed = cluster.cluster_down()
+            print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
+            return 0
+        if args.action == "status":
+            print(cluster.cluster_status())
+            return 0
+        cmd = list(args.cmd)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            raise CommandError("no command: topocoll cluster run --launcher L -- CMD ...")
+        return cluster.cluster_run(args.launcher, cmd, args.timeout)
+    except cluster.RootRequired as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except cluster.ClusterError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def add_later(sub: argparse._SubParsersAction) -> None:
@@ -263,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Topology-aware collectives: algorithms, benchmarks, tuner, reports.")
     parser.add_argument("--version", action="version", version=f"topocoll {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_bench, add_cluster, add_later, add_topo, add_algorithms, add_schedule):
+    for add in (add_bench, add_cluster, add_later, add_topo, add_algorithms, add_schedule,
+                add_pingpong):
         add(sub)
     return parser
 

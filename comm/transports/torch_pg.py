@@ -1,14 +1,21 @@
-"""Transport over a torch.distributed ProcessGroup: Gloo on CPU, NCCL for CUDA tensors.
+"""Transport over a torch.distributed group: Gloo on CPU, NCCL for CUDA tensors.
 
-Peers are global ranks of the wrapped (world) group. Sub-groups for native collectives
-are created on first use with `use_local_synchronization=True`, so only their members
-take part, and cached for the life of the transport.
+Accepts either a registered `ProcessGroup` (e.g. the default group of a job) or a raw
+backend object (`ProcessGroupGloo(...)`, as the topocoll torch backend creates for its
+inner group), so it only calls the methods both have (`send`, `recv`, `allreduce`,
+`broadcast`, `allgather`, `alltoall_base`, `_allgather_base`, `barrier`), never the
+`dist.*` functions that need a registered group. Peers are ranks of that group.
+
+Sub-groups for native collectives are created on first use by their members only:
+from the store when one is given (a Gloo group over a prefixed store), else with
+`dist.new_group(..., use_local_synchronization=True)`; cached either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,23 +55,43 @@ class _WorkHandle(Handle):
         if self.done:
             return True
         if self.work.is_completed():
-            try:
-                self.work.wait()
-            except RuntimeError as exc:
-                raise TransportError(f"{self.what} failed: {exc}") from exc
-            self.done = True
+            self.wait(1.0)
         return self.done
 
     def describe(self) -> str:
         return self.what
 
 
+def _wait(work: dist.Work | None) -> None:
+    if work is not None:
+        work.wait()
+
+
+def _allreduce_opts(op: str) -> dist.AllreduceOptions:
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = _REDUCE_OPS[op]
+    return opts
+
+
 class TorchPGTransport(Transport):
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: Any = None, store: dist.Store | None = None,
+                 timeout: timedelta = timedelta(seconds=300)) -> None:
         self.group = group if group is not None else dist.group.WORLD
-        super().__init__(dist.get_rank(self.group), dist.get_world_size(self.group))
-        self.name = dist.get_backend(self.group)
-        self._subgroups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        super().__init__(self.group.rank(), self.group.size())
+        self.name = self._backend_name()
+        self.store = store
+        self.timeout = timeout
+        self._subgroups: dict[tuple[int, ...], Any] = {}
+
+    def _backend_name(self) -> str:
+        for getter in ("name", "_get_backend_name"):
+            try:
+                value = getattr(self.group, getter)()
+            except (AttributeError, RuntimeError):
+                continue
+            if value:
+                return str(value).lower()
+        return dist.get_backend(self.group)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         work = self.group.send([tensor], peer, tag)
@@ -75,63 +102,69 @@ class TorchPGTransport(Transport):
         return _WorkHandle(work, f"{self.name} recv from rank {peer}")
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        _wait(self.group.barrier())
 
-    def subgroup(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
-        if len(ranks) == self.world_size:
+    def subgroup(self, ranks: tuple[int, ...]) -> Any:
+        """The native group of `ranks` (ranks of our group), made by its members only."""
+        if ranks == tuple(range(self.world_size)):
             return self.group
         group = self._subgroups.get(ranks)
         if group is None:
-            group = dist.new_group(list(ranks), backend=self.name,
-                                   use_local_synchronization=True)
+            if self.store is not None:
+                prefix = dist.PrefixStore("sub-" + "-".join(map(str, ranks)), self.store)
+                group = dist.ProcessGroupGloo(prefix, ranks.index(self.rank), len(ranks),
+                                              self.timeout)
+            else:
+                group = dist.new_group(list(ranks), backend=self.name,
+                                       use_local_synchronization=True)
             self._subgroups[ranks] = group
         return group
 
     def native(self, call: NativeCall) -> None:
         group = self.subgroup(call.group)
         if call.collective == "all_reduce":
-            dist.all_reduce(call.dst, op=_REDUCE_OPS[call.op], group=group)
+            _wait(group.allreduce([call.dst], _allreduce_opts(call.op)))
         elif call.collective == "broadcast":
-            dist.broadcast(call.dst, src=call.group[call.root], group=group)
+            opts = dist.BroadcastOptions()
+            opts.rootRank = call.root
+            _wait(group.broadcast([call.dst], opts))
         elif call.collective == "all_gather":
             outs = list(call.dst.split(list(call.counts)))
-            dist.all_gather(outs, call.src, group=group)
+            _wait(group.allgather([outs], [call.src]))
         elif call.collective == "reduce_scatter":
-            self._reduce_scatter(call.dst, call.src, list(call.counts), call.op, group)
+            self._reduce_scatter(group, call.dst, call.src, list(call.counts), call.op,
+                                 call.group.index(self.rank))
         else:
             raise TransportError(f"{self.name}: no native {call.collective}")
 
-    def _reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, counts: list[int],
-                        op: str, group: dist.ProcessGroup) -> None:
-        if len(set(counts)) == 1 and self.name != "gloo":
-            dist.reduce_scatter_tensor(out, inp, op=_REDUCE_OPS[op], group=group)
-            return
-        # Gloo has no reduce-scatter: all-reduce a copy and keep our block.
+    @staticmethod
+    def _reduce_scatter(group: Any, out: torch.Tensor, inp: torch.Tensor, counts: list[int],
+                        op: str, me: int) -> None:
+        """Gloo has no reduce-scatter: all-reduce a copy and keep our block."""
         full = inp.clone()
-        dist.all_reduce(full, op=_REDUCE_OPS[op], group=group)
-        me = dist.get_rank(group)
+        _wait(group.allreduce([full], _allreduce_opts(op)))
         start = sum(counts[:me])
         out.copy_(full[start:start + counts[me]])
 
     def native_all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        _wait(self.group.allreduce([tensor], _allreduce_opts("sum" if op == "avg" else op)))
         if op == "avg":
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
             tensor.div_(self.world_size)
-        else:
-            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
 
     def native_all_to_all_v(self, out: torch.Tensor, inp: torch.Tensor,
                             out_splits: Sequence[int], in_splits: Sequence[int]) -> None:
-        dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
+        _wait(self.group.alltoall_base(out, inp, list(out_splits), list(in_splits),
+                                       dist.AllToAllOptions()))
 
     def native_reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         counts = [out.numel()] * self.world_size
-        self._reduce_scatter(out, inp, counts, "sum" if op == "avg" else op, self.group)
+        self._reduce_scatter(self.group, out, inp, counts, "sum" if op == "avg" else op,
+                             self.rank)
         if op == "avg":
             out.div_(self.world_size)
 
     def native_all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
-        dist.all_gather_into_tensor(out, inp, group=self.group)
+        _wait(self.group._allgather_base(out, inp))
 
     def version(self) -> str:
         return f"torch {torch.__version__} {self.name}"

@@ -1,0 +1,86 @@
+"""backend="topocoll" in torch.distributed: collectives, DDP, MoE dispatch, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from topocoll.benchmarks.launcher import launch_local
+
+HERE = Path(__file__).resolve().parent
+CHECKS = HERE / "backend_checks.py"
+EXAMPLE = HERE.parent / "examples" / "ddp_train.py"
+
+
+def _run(n: int, *flags: str, capfd) -> str:
+    result = launch_local(n, [str(CHECKS), *flags], timeout=240)
+    out = capfd.readouterr().out
+    assert result.returncode == 0, (f"{n} ranks {flags}: rank {result.failed_rank} failed:\n"
+                                    f"{result.stderr_tail}")
+    assert "BACKEND-CHECKS OK rank=0" in out, out[-2000:]
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_collectives_match_gloo(n, capfd, no_leaked_segments):
+    _run(n, capfd=capfd)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [2, 3])
+def test_ddp_training_matches_gloo(n, capfd, no_leaked_segments):
+    _run(n, "--ddp", capfd=capfd)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [4, 5])
+def test_moe_dispatch_round_trips(n, capfd, no_leaked_segments):
+    _run(n, "--moe", capfd=capfd)
+
+
+def test_backend_registered_by_entry_point_without_import(tmp_path):
+    """torch loads the `torch.backends` entry point: no `import topocoll` needed."""
+    code = ("import torch.distributed as dist; "
+            "print('TOPOCOLL' in dist.Backend._plugins)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_torchrun_example_trains_like_gloo(tmp_path, no_leaked_segments):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    sums = {}
+    for backend in ("topocoll", "gloo"):
+        result = subprocess.run(
+            [torchrun, "--standalone", "--nproc-per-node", "4", str(EXAMPLE),
+             "--backend", backend, "--steps", "10"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"({backend}, 4 ranks)" in result.stdout
+        sums[backend] = float(result.stdout.split("checksum")[-1])
+    assert sums["topocoll"] == pytest.approx(sums["gloo"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_overhead_benchmark_prints_a_ratio(capfd):
+    from topocoll.benchmarks import backend_overhead
+
+    assert backend_overhead.main(["-n", "2", "--iters", "50"]) == 0
+    line = [s for s in capfd.readouterr().out.splitlines() if s.startswith("{")][-1]
+    row = json.loads(line)
+    assert row["topocoll_us"] > 0 and row["gloo_us"] > 0 and row["ratio"] > 0
