@@ -26,7 +26,8 @@ class Choice:
 
 def env_override(collective: str) -> str | None:
     """`TOPOCOLL_ALGO_ALL_REDUCE=ring` style forcing; validated against the registry."""
-    value = os.environ.get(ENV_PREFIX + collective.upper(), "").strip()
+    names = (ENV_PREFIX + collective.upper(), ENV_PREFIX + collective.upper().replace("_", ""))
+    value = next((os.environ[n].strip() for n in names if os.environ.get(n, "").strip()), "")
     if not value:
         return None
     if value != "native" and value not in algorithm_names(collective):
