@@ -21,7 +21,8 @@ from topocoll.comm.algorithms import NATIVE, TUNED, algorithm_names
 from topocoll.comm.job import Job
 from topocoll.comm.transports.base import NotSupportedError
 
-from .collectives import ENTRIES, Case, count_wrong
+from .bound import LinkBudget, bound_us, link_budget
+from .collectives import ENTRIES, Case, count_wrong, uneven_splits
 from .sizes import format_size
 
 COLUMNS = ("size", "count", "type", "redop", "algorithm", "time(us)", "algbw(GB/s)",
@@ -79,7 +80,8 @@ def _call(job: Job, collective: str, case: Case, algorithm: str, op: str
     return lambda: comm.all_to_all_v(case.work[0], case.work[1], outs, ins, algorithm=algo)
 
 
-def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str) -> dict[str, Any] | None:
+def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
+            budget: LinkBudget | None = None) -> dict[str, Any] | None:
     """One row (on every rank; rank 0's is the one reported). None if not supported."""
     entry = ENTRIES[opts.collective]
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
@@ -110,6 +112,11 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str) -> dict[s
     element = case.work[0].element_size()
     total_bytes = case.count * element
     algbw = total_bytes / time_us / 1e3 if time_us > 0 else 0.0
+    topology = comm.topology
+    splits = None
+    if opts.collective == "all_to_all_v":
+        splits = [uneven_splits(job.world_size, r, case.count) for r in range(job.world_size)]
+    bound = bound_us(opts.collective, total_bytes, topology, budget, splits, element)
     return {
         "collective": opts.collective,
         "algorithm": algorithm,
@@ -124,7 +131,7 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str) -> dict[s
         "wrong": sum(r["wrong"] for r in everyone) if opts.check else None,
         "samples_us": [round(s, 3) for s in slowest],
         "predicted_us": None,
-        "bound_us": None,
+        "bound_us": None if bound is None else round(bound, 3),
     }
 
 
@@ -149,12 +156,16 @@ def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
                   f"(intra {job.intra}), {topology.describe()}\n")
         out.write(_format_row(COLUMNS) + "\n")
         out.flush()
+    budget = link_budget(topology)
+    context["link_budget"] = None if budget is None else {
+        "rate_bytes_per_s": budget.rate_bytes_per_s, "burst_bytes": budget.burst_bytes,
+        "source": budget.source}
     rows = []
     total = len(opts.sizes) * len(opts.algorithms)
     with _progress(lead and total > 1, total) as advance:
         for nbytes in opts.sizes:
             for algorithm in opts.algorithms:
-                row = measure(job, opts, nbytes, algorithm)
+                row = measure(job, opts, nbytes, algorithm, budget)
                 advance()
                 if row is None:
                     if lead:

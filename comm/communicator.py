@@ -24,7 +24,7 @@ from .collectives import CollectiveSpec
 from .executor import Executor, LevelTransports
 from .ops import UnsupportedOpError, check_op
 from .schedule import Schedule
-from .selection import Choice, choose
+from .selection import Choice, choose, default_params
 from .transports.base import Transport
 from .transports.shm import SharedMemoryTransport, host_identity
 
@@ -161,6 +161,8 @@ class Communicator:
             self.transports.inter.native_all_reduce(tensor, op)
             return tensor
         spec = CollectiveSpec.all_reduce(self.world_size, tensor.numel(), op)
+        nbytes = tensor.numel() * tensor.element_size()
+        params = {**default_params("all_reduce", name, nbytes, self.topology), **params}
         self._run(self.schedule(name, spec, **params), {"data": tensor.view(-1)})
         return tensor
 

@@ -51,11 +51,21 @@ class Plan:
     def __init__(self) -> None:
         self.phases: dict[int, list[list[Step]]] = defaultdict(list)
 
-    def add(self, rank: int, steps: Iterable[Step]) -> None:
-        """Append one phase to `rank` (skipped when empty)."""
-        steps = list(steps)
-        if steps:
-            self.phases[rank].append(steps)
+    def add(self, rank: int, steps: Iterable[Step] = ()) -> None:
+        """Append one phase to `rank`, even an empty one.
+
+        Empty phases keep the ranks of a group in step (phase k of every member is the
+        same step of the algorithm), which is what lets `merge_staggered` pipeline plans
+        without deadlock; `finalize` drops them.
+        """
+        self.phases[rank].append(list(steps))
+
+    def pad(self, ranks: Iterable[int]) -> None:
+        """Bring `ranks` to the same number of phases (a level boundary)."""
+        ranks = list(ranks)
+        depth = max((len(self.phases[r]) for r in ranks), default=0)
+        for r in ranks:
+            self.phases[r].extend([] for _ in range(depth - len(self.phases[r])))
 
     def add_local(self, rank: int, step: Step) -> None:
         """Append a local step to the rank's last phase (a new phase if it has none)."""
@@ -87,6 +97,22 @@ class Plan:
                     else:
                         target.append(list(phase))
         return merged
+
+    @classmethod
+    def merge_staggered(cls, plans: Sequence[Plan], stagger: int = 1) -> Plan:
+        """Software pipelining: plan i starts `i * stagger` phases after plan 0.
+
+        Phase k of the result holds plan i's phase k - i*stagger, so while one segment
+        crosses the network the next is reduced inside the node. Plans must use distinct
+        tags: their messages between the same ranks may share a phase.
+        """
+        shifted = []
+        for i, plan in enumerate(plans):
+            moved = cls()
+            for rank, phases in plan.phases.items():
+                moved.phases[rank] = [[] for _ in range(i * stagger)] + [list(p) for p in phases]
+            shifted.append(moved)
+        return cls.merge_parallel(shifted)
 
     def ranks(self) -> set[int]:
         return {r for r, p in self.phases.items() if p}

@@ -60,6 +60,25 @@ def default_choice(collective: str, nbytes: int, topology: Topology) -> Choice:
     return Choice("tree", "default")
 
 
+PIPELINE_SEGMENT_BYTES = 16 << 20
+MAX_DEFAULT_SEGMENTS = 4
+
+
+def default_params(collective: str, algorithm: str, nbytes: int, topology: Topology
+                   ) -> dict[str, object]:
+    """Inner choices of the composite algorithms when the caller gives none.
+
+    Inside a node of up to 8 ranks the direct (one-phase) reduce-scatter/all-gather wins
+    over a ring on shared memory; large vectors are cut into pipeline segments so the
+    network carries one while the next is reduced inside the node.
+    """
+    if collective != "all_reduce" or algorithm != "hierarchical":
+        return {}
+    segments = max(1, min(MAX_DEFAULT_SEGMENTS, nbytes // PIPELINE_SEGMENT_BYTES))
+    intra = "direct" if max(topology.layout) <= 8 else "ring"
+    return {"intra": intra, "inter": "ring", "segments": segments}
+
+
 def choose(collective: str, nbytes: int, topology: Topology, table: object | None = None
            ) -> Choice:
     forced = env_override(collective)

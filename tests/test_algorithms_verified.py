@@ -416,9 +416,23 @@ def test_hierarchical_leader_choices(inter, layout, rails):
 def test_hierarchical_defaults_recorded(algorithm):
     schedule = build_schedule(algorithm, Topology.from_layout([2, 2]),
                               CollectiveSpec.all_reduce(4, 16))
-    expected = ({"intra": "ring", "inter": "ring"} if algorithm == "hierarchical"
-                else {"inter": "recursive_doubling"})
+    expected = ({"intra": "ring", "inter": "ring", "segments": 1}
+                if algorithm == "hierarchical" else {"inter": "recursive_doubling"})
     assert schedule.params == expected
+
+
+@pytest.mark.parametrize("layout", [[4, 4], [3, 5], [2, 2, 2], [1, 3], [3, 3, 6], [2, 3, 4]])
+@pytest.mark.parametrize("segments", [2, 3, 8])
+@pytest.mark.parametrize("inter", ["ring", "recursive_doubling", "rabenseifner", "tree",
+                                   "native"])
+@pytest.mark.parametrize("intra", ["ring", "direct"])
+def test_pipelined_hierarchical_is_correct_and_deadlock_free(layout, segments, inter, intra):
+    """Staggered segments share phases: only phase-aligned generators keep this safe."""
+    topo = Topology.from_layout(layout)
+    for count in (0, 5, 1001):
+        spec = CollectiveSpec.all_reduce(topo.world_size, count, "sum")
+        verify(build_schedule("hierarchical", topo, spec, segments=segments, inter=inter,
+                              intra=intra), "float32", seed=count)
 
 
 @pytest.mark.parametrize(("algorithm", "params"), [

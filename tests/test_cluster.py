@@ -9,6 +9,7 @@ an emulated cluster of your own on the same machine).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,8 +73,10 @@ MPI_HOSTS = """
 from mpi4py import MPI
 import os
 comm = MPI.COMM_WORLD
-print(f"rank {comm.Get_rank()} host {MPI.Get_processor_name()} "
-      f"topology {os.environ.get('TOPOCOLL_TOPOLOGY')}", flush=True)
+import sys
+sys.stdout.write(f"rank {comm.Get_rank()} host {MPI.Get_processor_name()} "
+                 f"topology {os.environ.get('TOPOCOLL_TOPOLOGY')}\\n")
+sys.stdout.flush()
 """
 
 TORCH_HOSTS = """
@@ -85,7 +88,9 @@ rank, world = dist.get_rank(), dist.get_world_size()
 value = torch.tensor([float(rank + 1)])
 dist.all_reduce(value)
 assert value.item() == world * (world + 1) / 2, value
-print(f"rank {rank} host {socket.gethostname()} sum {value.item():g}", flush=True)
+import sys  # one write per line: ranks share the pipe, a separate newline can interleave
+sys.stdout.write(f"rank {rank} host {socket.gethostname()} sum {value.item():g}\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
@@ -145,12 +150,8 @@ def _sh(*cmd: str) -> str:
 
 
 def _hosts_by_rank(output: str) -> dict[int, str]:
-    hosts = {}
-    for line in output.splitlines():
-        words = line.split()
-        if len(words) >= 4 and words[0] == "rank" and words[2] == "host":
-            hosts[int(words[1])] = words[3]
-    return hosts
+    return {int(rank): host for rank, host in re.findall(r"rank (\d+) host (\S+?)(?= |$)",
+                                                          output, flags=re.MULTILINE)}
 
 
 def _assert_nothing_left(state_file: Path) -> None:

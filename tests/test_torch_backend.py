@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ from topocoll.benchmarks.launcher import launch_local
 HERE = Path(__file__).resolve().parent
 CHECKS = HERE / "backend_checks.py"
 EXAMPLE = HERE.parent / "examples" / "ddp_train.py"
+
+
+def _run_session(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run in a new session; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:4]} did not finish in {timeout} s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _run(n: int, *flags: str, capfd) -> str:
@@ -64,11 +79,9 @@ def test_torchrun_example_trains_like_gloo(tmp_path, no_leaked_segments):
     assert torchrun, "torchrun is installed with torch"
     sums = {}
     for backend in ("topocoll", "gloo"):
-        result = subprocess.run(
+        result = _run_session(
             [torchrun, "--standalone", "--nproc-per-node", "4", str(EXAMPLE),
-             "--backend", backend, "--steps", "10"],
-            capture_output=True, text=True, timeout=240, cwd=tmp_path,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
+             "--backend", backend, "--steps", "10"], tmp_path, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"({backend}, 4 ranks)" in result.stdout
         sums[backend] = float(result.stdout.split("checksum")[-1])

@@ -44,6 +44,8 @@ INTRA_CHOICES = ("ring", "direct")
 
 TAG_INTRA = 1
 TAG_INTER_BASE = 16  # chunk j's inter-node exchange uses tag 16 + j
+TAG_SEGMENT_STRIDE = 1 << 12  # pipeline segment s adds s * stride to every tag
+MAX_SEGMENTS = 64
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -57,7 +59,8 @@ def owned_chunks(chunks: Sequence[Region], node_size: int) -> list[list[Region]]
 
 
 def hierarchical_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region,
-                      op: str, intra: str = "ring", inter: str = "ring") -> None:
+                      op: str, intra: str = "ring", inter: str = "ring",
+                      tag_base: int = 0) -> None:
     """In-place all-reduce of `region` over the whole topology."""
     _check_choice("intra", intra, INTRA_CHOICES)
     _check_choice("inter", inter, INTER_CHOICES)
@@ -66,7 +69,10 @@ def hierarchical_plan(plan: Plan, scratch: Scratch, topology: Topology, region: 
     reduce_scatter = ring_reduce_scatter if intra == "ring" else direct_reduce_scatter
     all_gather = ring_all_gather if intra == "ring" else direct_all_gather
     for ranks in topology.nodes:
-        reduce_scatter(plan, scratch, ranks, owned_chunks(chunks, len(ranks)), op, TAG_INTRA)
+        reduce_scatter(plan, scratch, ranks, owned_chunks(chunks, len(ranks)), op,
+                       tag_base + TAG_INTRA)
+    everyone = range(topology.world_size)
+    plan.pad(everyone)  # level boundary: nodes of different sizes stay in step
     if topology.num_nodes > 1:
         per_chunk: list[Plan] = []
         for j, chunk in enumerate(chunks):
@@ -76,15 +82,40 @@ def hierarchical_plan(plan: Plan, scratch: Scratch, topology: Topology, region: 
                 for rank in owners if chunk.count else ():
                     sub.add(rank, [Native("all_reduce", tuple(owners), chunk, chunk, op=op)])
             else:
-                FLAT_ALL_REDUCE[inter](sub, scratch, owners, chunk, op, TAG_INTER_BASE + j)
+                FLAT_ALL_REDUCE[inter](sub, scratch, owners, chunk, op,
+                                       tag_base + TAG_INTER_BASE + j)
             per_chunk.append(sub)
         if inter == "native":  # one native call per phase: run a rank's chunks in turn
             for sub in per_chunk:
                 plan.extend(sub)
         else:
             plan.extend(Plan.merge_parallel(per_chunk))
+        plan.pad(everyone)
     for ranks in topology.nodes:
-        all_gather(plan, ranks, owned_chunks(chunks, len(ranks)), TAG_INTRA)
+        all_gather(plan, ranks, owned_chunks(chunks, len(ranks)), tag_base + TAG_INTRA)
+    plan.pad(everyone)
+
+
+def pipelined_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region, op: str,
+                   segments: int, **options: str) -> None:
+    """`segments` hierarchical all-reduces on consecutive slices, staggered by one phase:
+    the network carries slice s while slice s+1 is reduced inside the node."""
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise ValueError(f"hierarchical: segments must be in 1..{MAX_SEGMENTS}, got {segments}")
+    if segments == 1:
+        hierarchical_plan(plan, scratch, topology, region, op, **options)
+        return
+    subplans = []
+    for s, part in enumerate(blocks(region, segments)):
+        sub = Plan()
+        hierarchical_plan(sub, scratch, topology, part, op, tag_base=s * TAG_SEGMENT_STRIDE,
+                          **options)
+        subplans.append(sub)
+    if options.get("inter") == "native":  # a native call must have its phase to itself
+        for sub in subplans:
+            plan.extend(sub)
+    else:
+        plan.extend(Plan.merge_staggered(subplans))
 
 
 def leader_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region, op: str,
@@ -106,10 +137,13 @@ def leader_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region
 
 def all_reduce(topology: Topology, spec: CollectiveSpec, params: dict) -> Schedule:
     plan, scratch = Plan(), Scratch()
-    options = {"intra": params.get("intra", "ring"), "inter": params.get("inter", "ring")}
-    hierarchical_plan(plan, scratch, topology, Region("data", 0, spec.count),
-                      reduce_op(spec.op), **options)
-    return finalize(plan, scratch, spec, topology, "hierarchical", {**params, **options})
+    options = {"intra": str(params.get("intra", "ring")),
+               "inter": str(params.get("inter", "ring"))}
+    segments = int(params.get("segments", 1))
+    pipelined_plan(plan, scratch, topology, Region("data", 0, spec.count), reduce_op(spec.op),
+                   segments, **options)
+    return finalize(plan, scratch, spec, topology, "hierarchical",
+                    {**params, **options, "segments": segments})
 
 
 def all_reduce_leader(topology: Topology, spec: CollectiveSpec, params: dict) -> Schedule:

@@ -63,6 +63,7 @@ def rabenseifner_plan(plan: Plan, scratch: Scratch, group: Sequence[int], region
                 steps.append(Recv(partner, theirs, tag))
             plan.add(rank, steps)
             lo, hi = min(lo, give_lo), max(hi, give_hi)
+    plan.pad(group)
     fold_out(plan, group, region, tag)
 
 

@@ -33,6 +33,8 @@ def fold_in(plan: Plan, scratch: Scratch, group: Sequence[int], region: Region, 
                 active.append(rank)
         else:
             active.append(rank)
+    if rem:
+        plan.pad(group)
     return active
 
 
@@ -42,6 +44,8 @@ def fold_out(plan: Plan, group: Sequence[int], region: Region, tag: int) -> None
     for i in range(0, 2 * rem, 2):
         plan.add(group[i + 1], [Send(group[i], region, tag)])
         plan.add(group[i], [Recv(group[i + 1], region, tag)])
+    if rem:
+        plan.pad(group)
 
 
 def recursive_doubling_plan(plan: Plan, scratch: Scratch, group: Sequence[int],
@@ -59,6 +63,7 @@ def recursive_doubling_plan(plan: Plan, scratch: Scratch, group: Sequence[int],
             plan.add(rank, [Send(partner, region, tag), Recv(partner, tmp, tag),
                             Reduce(region, (region, tmp), op)])
             mask <<= 1
+    plan.pad(group)
     fold_out(plan, group, region, tag)
 
 

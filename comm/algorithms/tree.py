@@ -33,28 +33,38 @@ def binomial_reduce(plan: Plan, scratch: Scratch, group: Sequence[int], region: 
                 tmp = tmp or scratch.alloc(rank, region.count)
                 plan.add(rank, [Recv(group[(rel + mask + root) % n], tmp, tag),
                                 Reduce(region, (region, tmp), op)])
+            else:
+                plan.add(rank)
             mask <<= 1
+    plan.pad(group)
 
 
 def binomial_broadcast(plan: Plan, group: Sequence[int], region: Region, root: int = 0,
                        tag: int = 0) -> None:
-    """Copy `region` of the member at index `root` to every member."""
+    """Copy `region` of the member at index `root` to every member.
+
+    Round r: every holder sends to the member 2^(depth-1-r) beyond it. Each member gets one
+    phase per round (empty while it waits), so members stay in step for pipelining.
+    """
     n = len(group)
     if n == 1 or region.count == 0:
         return
+    depth = (n - 1).bit_length()
     for i, rank in enumerate(group):
         rel = (i - root) % n
-        mask = 1
-        while mask < n:
-            if rel & mask:
-                plan.add(rank, [Recv(group[(rel - mask + root) % n], region, tag)])
-                break
-            mask <<= 1
+        if rel == 0:
+            mask = 1 << depth
+        else:
+            mask = rel & -rel
+            for _ in range(depth - mask.bit_length()):
+                plan.add(rank)
+            plan.add(rank, [Recv(group[(rel - mask + root) % n], region, tag)])
         mask >>= 1
         while mask > 0:
-            if rel + mask < n:
-                plan.add(rank, [Send(group[(rel + mask + root) % n], region, tag)])
+            plan.add(rank, [Send(group[(rel + mask + root) % n], region, tag)]
+                     if rel + mask < n else [])
             mask >>= 1
+    plan.pad(group)
 
 
 def tree_all_reduce_plan(plan: Plan, scratch: Scratch, group: Sequence[int], region: Region,
