@@ -9,6 +9,7 @@ schedule's copies so tests can hold algorithms to zero-copy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from topocoll.topology import INTER, INTRA, SELF
 
+from .dataflow import LOCAL, NATIVE, Op, compile_program
 from .schedule import Copy, Native, RankProgram, Recv, Reduce, Region, Scale, Send
 from .transports.base import (
     Backoff,
@@ -79,8 +81,14 @@ class LevelTransports:
 
 
 class Executor:
-    def __init__(self, rank: int, transports: LevelTransports, timeout: float = 300.0) -> None:
+    def __init__(self, rank: int, transports: LevelTransports, timeout: float = 300.0,
+                 mode: str | None = None) -> None:
         self.rank = rank
+        self.mode = mode or os.environ.get("TOPOCOLL_EXECUTOR", "dataflow")
+        if self.mode not in ("dataflow", "phased"):
+            raise ValueError(f"TOPOCOLL_EXECUTOR must be 'dataflow' or 'phased', got "
+                             f"{self.mode!r}")
+        self._programs: dict[int, tuple[RankProgram, list[Op]]] = {}
         self.transports = transports
         self.timeout = timeout
         self.stats = ExecStats()
@@ -104,19 +112,173 @@ class Executor:
         if "tmp" in program.buffers and "tmp" not in views:
             like = next(iter(buffers.values()))
             views["tmp"] = self.scratch(program.buffers["tmp"], like)
-        for index, phase in enumerate(program.phases):
-            self._run_phase(index, phase, views, what)
+        if self.mode == "phased":
+            for index, phase in enumerate(program.phases):
+                self._run_phase(index, phase, views, what)
+        else:
+            self._run_dataflow(self._compiled(program), views, what)
         self.stats.collectives += 1
+
+    def _compiled(self, program: RankProgram) -> list[Op]:
+        key = id(program)
+        entry = self._programs.get(key)
+        if entry is None or entry[0] is not program:
+            entry = (program, compile_program(program, self._fusable))
+            self._programs[key] = entry
+            if len(self._programs) > 512:
+                self._programs.pop(next(iter(self._programs)))
+        return entry[1]
+
+    def _start(self, op: Op, views: Mapping[str, torch.Tensor]) -> Handle | None:
+        """Post a communication op (a handle) or run a local one (None)."""
+        step = op.step
+        if op.kind == LOCAL:
+            if isinstance(step, Reduce):
+                self._reduce(step, views)
+            elif isinstance(step, Copy):
+                dst, src = self._view(views, step.dst), self._view(views, step.src)
+                dst.copy_(src)
+                self.stats.bytes_copied += src.numel() * src.element_size()
+            elif isinstance(step, Scale):
+                self._view(views, step.dst).div_(step.divisor)
+            return None
+        if op.kind == NATIVE:
+            self._native(step, views)
+            return None
+        transport = self.transports.for_kind(step.level.kind if step.level else INTRA)
+        if op.fused is not None:
+            target = self._view(views, op.fused.dst)
+            self.stats.bytes_reduced += target.numel() * target.element_size()
+            return transport.irecv_reduce(target, op.fused.op, step.peer, step.tag)
+        if isinstance(step, Send):
+            data = self._view(views, step.src)
+            nbytes = data.numel() * data.element_size()
+            self.stats.messages += 1
+            self.stats.bytes_sent += nbytes
+            key = str(step.level) if step.level else INTRA
+            self.stats.per_level_bytes[key] = self.stats.per_level_bytes.get(key, 0) + nbytes
+            return transport.isend(data, step.peer, step.tag)
+        return transport.irecv(self._view(views, step.dst), step.peer, step.tag)
+
+    def _run_dataflow(self, ops: list[Op], views: Mapping[str, torch.Tensor],
+                      what: str) -> None:
+        """Start every op as soon as what it depends on is done; poll what is in flight."""
+        waiting = [len(op.deps) for op in ops]
+        dependents: list[list[int]] = [[] for _ in ops]
+        for op in ops:
+            for d in op.deps:
+                dependents[d].append(op.index)
+        posted = [False] * len(ops)
+        ready = [op.index for op in ops if not op.deps]
+        inflight: list[tuple[Handle, Op]] = []
+        done_count = 0
+        deadline = time.monotonic() + self.timeout
+        backoff = Backoff()
+
+        def finish(index: int) -> None:
+            nonlocal done_count
+            done_count += 1
+            for j in dependents[index]:
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    ready.append(j)
+
+        while done_count < len(ops):
+            progressed = False
+            if ready:
+                batch = sorted(ready)
+                ready.clear()  # finish() refills it with what becomes ready
+                for i in batch:
+                    op = ops[i]
+                    if op.channel_prev is not None and not posted[op.channel_prev]:
+                        ready.append(i)  # keep per-channel message order
+                        continue
+                    try:
+                        handle = self._start(op, views)
+                    except TransportError as exc:
+                        raise TransportError(f"rank {self.rank}: {what} phase {op.phase}: "
+                                             f"{exc}") from exc
+                    posted[i] = True
+                    progressed = True
+                    if handle is None:
+                        finish(i)
+                    else:
+                        inflight.append((handle, op))
+            still = []
+            for handle, op in inflight:
+                try:
+                    complete = handle.test()
+                except TransportError as exc:
+                    raise TransportError(f"rank {self.rank}: {what} phase {op.phase}: "
+                                         f"{exc}") from exc
+                if complete:
+                    finish(op.index)
+                    progressed = True
+                else:
+                    still.append((handle, op))
+            inflight = still
+            if progressed:
+                backoff.reset()
+                continue
+            if time.monotonic() > deadline:
+                if inflight:
+                    handle, op = inflight[0]
+                    raise self._timeout(op.phase, what, handle, op.step, len(inflight))
+                raise CollectiveTimeoutError(f"rank {self.rank}: {what} made no progress for "
+                                             f"{self.timeout:.1f} s")
+            backoff.pause()
 
     def _view(self, views: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
         return views[region.buf][region.offset:region.end]
 
+    def _fusable(self, phase: tuple) -> dict[int, Reduce]:
+        """Receives into scratch whose only use is an in-place reduce, on a transport that
+        can reduce as it receives: position of the Recv in the phase -> its Reduce."""
+        recvs = {step.dst: i for i, step in enumerate(phase)
+                 if isinstance(step, Recv) and step.dst.buf == "tmp" and step.dst.count}
+        if not recvs:
+            return {}
+        sent = [s.src for s in phase if isinstance(s, Send)]
+        uses: dict[Region, int] = {}
+        for step in phase:
+            if isinstance(step, Reduce):
+                for src in step.srcs:
+                    uses[src] = uses.get(src, 0) + 1
+            elif isinstance(step, Copy):
+                uses[step.src] = uses.get(step.src, 0) + 2
+        fused: dict[int, Reduce] = {}
+        for step in phase:
+            if not (isinstance(step, Reduce) and step.srcs[0] == step.dst and step.dst.count):
+                continue
+            if any(step.dst.overlaps(s) for s in sent):
+                continue  # a send of dst in this phase must see its value before the reduce
+            for src in step.srcs[1:]:
+                i = recvs.get(src)
+                if i is None or uses.get(src) != 1:
+                    continue
+                level = phase[i].level
+                transport = self.transports.for_kind(level.kind if level else INTRA)
+                if hasattr(transport, "irecv_reduce"):
+                    fused[i] = step
+        return fused
+
     def _run_phase(self, index: int, phase: tuple, views: Mapping[str, torch.Tensor],
                    what: str) -> None:
+        fused = self._fusable(phase)
+        folded: set[Region] = set()
         posted: list[tuple[Handle, object]] = []
         self_sends: list[torch.Tensor] = []
         self_recvs: list[torch.Tensor] = []
-        for step in phase:
+        for position, step in enumerate(phase):
+            if position in fused:
+                reduce = fused[position]
+                transport = self.transports.for_kind(step.level.kind if step.level else INTRA)
+                target = self._view(views, reduce.dst)
+                posted.append((transport.irecv_reduce(target, reduce.op, step.peer, step.tag),
+                               step))
+                folded.add(step.dst)
+                self.stats.bytes_reduced += target.numel() * target.element_size()
+                continue
             if isinstance(step, Send) and step.src.count:
                 data = self._view(views, step.src)
                 if step.peer == self.rank:
@@ -144,6 +306,12 @@ class Executor:
         self._wait_all(posted, index, what)
         for step in phase:
             if isinstance(step, Reduce):
+                if folded:
+                    rest = tuple(s for s in step.srcs[1:] if s not in folded)
+                    if len(rest) < len(step.srcs) - 1:
+                        if not rest:
+                            continue
+                        step = Reduce(step.dst, (step.srcs[0], *rest), step.op)
                 self._reduce(step, views)
             elif isinstance(step, Copy) and step.src.count:
                 dst, src = self._view(views, step.dst), self._view(views, step.src)

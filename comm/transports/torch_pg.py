@@ -14,6 +14,7 @@ from the store when one is given (a Gloo group over a prefixed store), else with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -30,33 +31,33 @@ _REDUCE_OPS = {
 }
 
 
-class _WorkHandle(Handle):
-    """Gloo's send/recv work only completes in `wait()`, so this handle is blocking."""
+_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="topocoll-wait")
 
-    blocking = True
+
+class _WorkHandle(Handle):
+    """Gloo's send/recv work reports completion only from `wait()`, so a helper thread
+    waits (the GIL is released meanwhile) and `test()` polls that thread's future."""
 
     def __init__(self, work: dist.Work, what: str) -> None:
         self.work = work
         self.what = what
         self.done = False
+        self.future = _WAITERS.submit(work.wait)
 
-    def wait(self, timeout: float) -> None:
+    def test(self) -> bool:
         if self.done:
-            return
+            return True
+        if not self.future.done():
+            return False
         try:
-            self.work.wait(timedelta(seconds=max(timeout, 0.001)))
+            self.future.result()
         except RuntimeError as exc:
             if "imed out" in str(exc) or "imeout" in str(exc):
                 raise CollectiveTimeoutError(f"{self.what} timed out: {exc}") from exc
             raise TransportError(f"{self.what} failed: {exc}") from exc
         self.done = True
+        return True
 
-    def test(self) -> bool:
-        if self.done:
-            return True
-        if self.work.is_completed():
-            self.wait(1.0)
-        return self.done
 
     def describe(self) -> str:
         return self.what
