@@ -192,7 +192,7 @@ def _table_cells(row: dict[str, Any]) -> tuple[str, ...]:
         f"{row['time_us']:.1f}", f"{row['algbw_gbs']:.3f}", f"{row['busbw_gbs']:.3f}",
         "-" if row["wrong"] is None else str(row["wrong"]),
         "-" if bound is None else f"{bound:.1f}",
-        "-" if bound is None else f"{100.0 * bound / row['time_us']:.0f}",
+        "-" if not bound else f"{100.0 * bound / row['time_us']:.0f}",
     )
 
 

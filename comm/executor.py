@@ -84,7 +84,7 @@ class Executor:
     def __init__(self, rank: int, transports: LevelTransports, timeout: float = 300.0,
                  mode: str | None = None) -> None:
         self.rank = rank
-        self.mode = mode or os.environ.get("TOPOCOLL_EXECUTOR", "dataflow")
+        self.mode = mode or os.environ.get("TOPOCOLL_EXECUTOR", "phased")
         if self.mode not in ("dataflow", "phased"):
             raise ValueError(f"TOPOCOLL_EXECUTOR must be 'dataflow' or 'phased', got "
                              f"{self.mode!r}")

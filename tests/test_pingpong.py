@@ -17,6 +17,7 @@ import torch
 
 from topocoll.benchmarks.pingpong import (
     LARGE_ITERS,
+    TAG,
     PingPongError,
     child_argv,
     intra_for,
@@ -27,6 +28,7 @@ from topocoll.benchmarks.pingpong import (
 )
 from topocoll.benchmarks.sizes import parse_sizes
 from topocoll.cli import build_parser
+from topocoll.comm.transports.shm import stale_segments
 from topocoll.extras import available
 
 TRANSPORTS = ["gloo", "mpi", "ucx", "shm"]
@@ -35,10 +37,20 @@ ROW_FIELDS = {"transport", "intra", "bytes", "iters", "one_way_us", "bandwidth_g
               "rtt_min_us", "rtt_median_us", "rtt_max_us", "versions", "verified"}
 
 
+def _pingpong_segments() -> set[Path]:
+    """The ping-pong channels (ranks 0<->1, its tag) in /dev/shm.
+
+    Narrower than the `no_leaked_segments` fixture, which counts every topocoll segment
+    and so fails whenever another job runs on the machine at the same time.
+    """
+    return {p for p in stale_segments()
+            if p.name.endswith((f"-0-1-{TAG}", f"-1-0-{TAG}"))}
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_pingpong_local(transport: str, tmp_path: Path, no_leaked_segments) -> None:
+def test_pingpong_local(transport: str, tmp_path: Path) -> None:
     if transport == "mpi" and not available("mpi4py"):
         pytest.skip("mpi4py is not installed (extra 'mpi')")
     if transport == "ucx" and not available("ucxx"):
@@ -47,8 +59,11 @@ def test_pingpong_local(transport: str, tmp_path: Path, no_leaked_segments) -> N
     cmd = [sys.executable, "-m", "topocoll", "pingpong", "--launcher", "local",
            "--transport", transport, "--sizes", SIZES, "--iters", "3", "--json", str(out),
            "--timeout", "30"]
+    before = _pingpong_segments()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
+    leaked = _pingpong_segments() - before
+    assert not leaked, f"pingpong left shared-memory segments behind: {sorted(leaked)}"
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     sizes = parse_sizes(SIZES)
     assert [r["bytes"] for r in rows] == sizes

@@ -640,7 +640,9 @@ def cluster_run(launcher: str, cmd: Sequence[str], timeout: float = DEFAULT_TIME
         envs = [run_env]
     else:
         commands = torchrun_node_commands(state, cmd, free_port(state.nodes[0]))
-        envs = [{**run_env, "GLOO_SOCKET_IFNAME": node.devices[0],
+        # Every rail for Gloo: it opens one context per device and picks one by tag, so
+        # chunk j of the hierarchical all-reduce (tag 16 + j) travels on rail j mod K.
+        envs = [{**run_env, "GLOO_SOCKET_IFNAME": ",".join(node.devices),
                  "TP_SOCKET_IFNAME": node.devices[0], "NCCL_SOCKET_IFNAME": node.devices[0]}
                 for node in state.nodes]
     try:
