@@ -197,6 +197,8 @@ class Communicator:
                 matrix[src][self.rank] = recv_el[src]
         spec = (CollectiveSpec.all_to_all(p, send_el[0]) if collective == "all_to_all"
                 else CollectiveSpec.all_to_all_v(matrix))
+        nbytes = inp.numel() * inp.element_size()
+        params = {**default_params(collective, name, nbytes, self.topology), **params}
         self._run(self.schedule(name, spec, **params),
                   {"in": inp.reshape(-1), "out": out.view(-1)})
         return out

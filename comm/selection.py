@@ -52,9 +52,9 @@ def default_choice(collective: str, nbytes: int, topology: Topology) -> Choice:
         per_peer = nbytes // max(topology.world_size, 1)
         if multi_node:
             return Choice("hierarchical_2d", "across nodes: one aggregated message per node pair")
-        if per_peer <= 256 and topology.world_size > 4:
-            return Choice("bruck", "tiny per-peer blocks: log2(p) rounds")
-        return Choice("pairwise", "no incast")
+        if per_peer <= 64 << 10:
+            return Choice("pairwise", "small blocks: every exchange posted at once")
+        return Choice("pairwise", "large blocks: one peer per step, no incast")
     if collective in ("reduce_scatter", "all_gather"):
         return Choice("direct" if topology.world_size <= 8 else "ring", "default")
     return Choice("tree", "default")
@@ -72,6 +72,11 @@ def default_params(collective: str, algorithm: str, nbytes: int, topology: Topol
     over a ring on shared memory; large vectors are cut into pipeline segments so the
     network carries one while the next is reduced inside the node.
     """
+    if collective in ("all_to_all", "all_to_all_v") and algorithm == "pairwise":
+        # Small blocks: every exchange in one phase (one latency, as native all-to-alls
+        # do); large blocks: one peer per step, so no receiver is flooded.
+        per_peer = nbytes // max(topology.world_size, 1)
+        return {"window": max(topology.world_size - 1, 1) if per_peer <= 64 << 10 else 1}
     if collective != "all_reduce" or algorithm != "hierarchical":
         return {}
     segments = max(1, min(MAX_DEFAULT_SEGMENTS, nbytes // PIPELINE_SEGMENT_BYTES))

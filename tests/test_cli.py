@@ -10,7 +10,7 @@ import pytest
 
 from topocoll.cli import EXIT_NOT_YET, build_parser, main
 
-SUBCOMMANDS = ["bench", "cluster", "profile", "tune", "simulate", "report", "topo",
+SUBCOMMANDS = ["bench", "pingpong", "cluster", "profile", "tune", "simulate", "report", "topo",
                "algorithms", "schedule"]
 
 
