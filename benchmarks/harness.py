@@ -9,6 +9,7 @@ element with the expected result on every rank and `#wrong` is the sum over rank
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ from .bound import LinkBudget, bound_us, link_budget
 from .collectives import ENTRIES, Case, count_wrong, uneven_splits
 from .sizes import format_size
 
+PLANT_WRONG = "TOPOCOLL_BENCH_PLANT_WRONG"
 COLUMNS = ("size", "count", "type", "redop", "algorithm", "time(us)", "algbw(GB/s)",
            "busbw(GB/s)", "#wrong", "bound(us)", "%bound")
 
@@ -105,7 +107,10 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
     if opts.check:
         case.reset()
         run()
-        wrong = count_wrong(case.result(), case.expected(), opts.dtype, opts.op)
+        result = case.result()
+        if PLANT_WRONG in os.environ and job.rank == 0 and result.numel():
+            result.view(-1)[0] += 1  # test hook: the #wrong column must catch this
+        wrong = count_wrong(result, case.expected(), opts.dtype, opts.op)
     everyone = job.bootstrap.all_gather_json({"samples": samples, "wrong": wrong})
     slowest = [max(r["samples"][i] for r in everyone) for i in range(len(samples))]
     time_us = statistics.median(slowest)

@@ -15,6 +15,7 @@ as Gloo's do.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 from topocoll.topology import Topology, topology_from_env
 
 from .bootstrap import StoreBootstrap
-from .communicator import DEFAULT_TIMEOUT, Communicator
+from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
 from .executor import LevelTransports
 from .transports.shm import SharedMemoryTransport, host_identity
 from .transports.torch_pg import TorchPGTransport
@@ -132,7 +133,7 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
                 f"topocoll-sub-{kind}", self._store))
             intra_mode = os.environ.get("TOPOCOLL_INTRA", "shm")
             if kind == "cpu" and intra_mode == "shm":
-                job = self._bootstrap.broadcast_json(os.urandom(6).hex())
+                job = self._bootstrap.broadcast_json(job_id())
                 intra = SharedMemoryTransport(self.rank(), self.size(), job, self._hosts)
             else:  # CUDA tensors: NCCL inside the node too (CUDA IPC comes later)
                 intra = inter
@@ -140,6 +141,7 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
                                 self.topology, self._timeout.total_seconds(),
                                 tuning=None)
             self._comms[kind] = comm
+            atexit.register(self.shutdown)  # unlink shared memory even without destroy
         return comm
 
     # ----- identity ----------------------------------------------------------------

@@ -7,6 +7,7 @@ short; every algorithm of the library must appear in the JSON.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,18 @@ def test_bench_every_algorithm_verified(transport, collective, tmp_path: Path,
         assert row["transport"] == transport and row["world_size"] == 5
         assert row["layout"] == [2, 3] and row["time_us"] > 0
     assert "#wrong" in result.stdout  # the nccl-tests style table header
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(200)
+def test_wrong_column_catches_a_planted_error(tmp_path: Path, no_leaked_segments) -> None:
+    """One element of rank 0's result is corrupted after the call: #wrong must say 1."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "topocoll", "bench", "--launcher", "local", "-n", "3",
+           "--collective", "all_reduce", "--algorithm", "ring,native", "--sizes", "4K",
+           "--check", "--json", str(out), "--iters", "1", "--warmup", "0"]
+    env = {**os.environ, "TOPOCOLL_BENCH_PLANT_WRONG": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["wrong"] for r in rows] == [1, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import zipfile
@@ -45,7 +46,10 @@ def test_wheel_installs_only_under_the_topocoll_namespace(wheel: Path) -> None:
 
 def test_pip_install_into_a_venv_with_jupyter_comm(wheel: Path, tmp_path: Path) -> None:
     """`pip install .` beside Jupyter's `comm` (copied from this venv, no network)."""
-    import comm as jupyter_comm
+    # Locate Jupyter's comm through its distribution: `import comm` in this process may
+    # find the repository's own comm/ folder when pytest runs from the checkout.
+    jupyter_comm_dir = Path(str(importlib.metadata.distribution("comm").locate_file("comm")))
+    assert (jupyter_comm_dir / "__init__.py").exists(), jupyter_comm_dir
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
@@ -54,8 +58,7 @@ def test_pip_install_into_a_venv_with_jupyter_comm(wheel: Path, tmp_path: Path) 
     site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     # Jupyter's comm in the new venv's own site-packages, then our wheel on top of it.
-    src = Path(jupyter_comm.__file__).parent
-    subprocess.run(["cp", "-r", str(src), site], check=True)
+    subprocess.run(["cp", "-r", str(jupyter_comm_dir), site], check=True)
     result = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
                              "--no-index", str(wheel)], capture_output=True, text=True,
                             timeout=300)
