@@ -10,7 +10,7 @@ import sys
 from topocoll.topology import parse_layout, parse_topology
 
 from .harness import BenchOptions, expand_algorithms, run_sweep
-from .launcher import launch_local, launch_mpirun
+from .launcher import launch_job
 from .sizes import parse_sizes
 
 DEFAULT_LOCAL_RANKS = 4
@@ -65,17 +65,8 @@ def _launch(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w"):
             pass  # truncate: rank 0 appends this run's rows
-    budget = args.timeout * 4 + 120
-    if args.transport == "mpi":
-        result = launch_mpirun(n, _child_argv(args, "mpirun"), budget, env)
-    else:
-        result = launch_local(n, _child_argv(args, "torchrun"), budget, env)
-    if result.returncode:
-        who = "" if result.failed_rank in (None, -1) else f" (rank {result.failed_rank} failed)"
-        sys.stderr.write(result.stderr_tail)
-        print(f"topocoll bench: the local job failed{who}, exit {result.returncode}",
-              file=sys.stderr)
-    return result.returncode
+    return launch_job("bench", args.transport, n, lambda launcher: _child_argv(args, launcher),
+                      args.timeout * 4 + 120, env)
 
 
 def _run_rank(args: argparse.Namespace) -> int:

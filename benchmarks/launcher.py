@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -130,3 +130,20 @@ def launch_mpirun(n: int, argv: Sequence[str], timeout: float,
     sys.stdout.write(result.stdout or "")
     code = result.returncode
     return LaunchResult(code, None if code == 0 else -1, (result.stderr or "")[-4000:])
+
+
+def launch_job(command: str, transport: str, n: int, argv_for: Callable[[str], list[str]],
+               timeout: float, env: dict[str, str] | None = None) -> int:
+    """Run `n` ranks of one of our commands here: through mpirun for the MPI transport,
+    else our own launcher; `argv_for(launcher)` is the rank-side command line. Reports a
+    failure in one line (plus the failing rank's stderr) and returns the exit code."""
+    if transport == "mpi":
+        result = launch_mpirun(n, argv_for("mpirun"), timeout, env)
+    else:
+        result = launch_local(n, argv_for("torchrun"), timeout, env)
+    if result.returncode:
+        who = "" if result.failed_rank in (None, -1) else f" (rank {result.failed_rank} failed)"
+        sys.stderr.write(result.stderr_tail)
+        print(f"topocoll {command}: the local job failed{who}, exit {result.returncode}",
+              file=sys.stderr)
+    return result.returncode

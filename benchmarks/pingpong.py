@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .launcher import launch_local, launch_mpirun
+from .launcher import launch_job
 from .sizes import format_size, parse_sizes
 
 TRANSPORTS = ("gloo", "mpi", "ucx", "shm")
@@ -292,17 +292,8 @@ def _launch(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w"):
             pass  # truncate: rank 0 appends this run's rows
-    budget = args.timeout * 4 + 120
-    if args.transport == "mpi":
-        result = launch_mpirun(LOCAL_RANKS, child_argv(args, "mpirun"), budget)
-    else:
-        result = launch_local(LOCAL_RANKS, child_argv(args, "torchrun"), budget)
-    if result.returncode:
-        who = "" if result.failed_rank in (None, -1) else f" (rank {result.failed_rank} failed)"
-        sys.stderr.write(result.stderr_tail)
-        print(f"topocoll pingpong: the local job failed{who}, exit {result.returncode}",
-              file=sys.stderr)
-    return result.returncode
+    return launch_job("pingpong", args.transport, LOCAL_RANKS,
+                      lambda launcher: child_argv(args, launcher), args.timeout * 4 + 120)
 
 
 def _run_rank(args: argparse.Namespace) -> int:

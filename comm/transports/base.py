@@ -57,11 +57,6 @@ class Handle(abc.ABC):
         return type(self).__name__
 
 
-class DoneHandle(Handle):
-    def test(self) -> bool:
-        return True
-
-
 class Backoff:
     """Polling without starving other ranks on an oversubscribed machine.
 
