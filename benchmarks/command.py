@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 
-from topocoll.topology import parse_layout, parse_topology
+from topocoll.topology import parse_topology
 
 from .harness import BenchOptions, expand_algorithms, run_sweep
 from .launcher import launch_job
@@ -76,7 +76,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # ranks share the machine's cores
     if args.layout:
-        parse_layout(args.layout.split(":")[0]) if "," in args.layout else None
+        parse_topology(args.layout)  # a bad layout fails here, with its own message
         os.environ.setdefault("TOPOCOLL_TOPOLOGY", args.layout)
     job = init_job(args.transport, args.intra, args.timeout, args.launcher)
     try:

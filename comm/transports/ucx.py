@@ -61,6 +61,10 @@ ENV_DEFAULTS = {
     "UCX_TLS": "tcp,self",
     "UCX_RNDV_FRAG_MEM_TYPE": "host",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
+    # TCP moves data in 8 KiB segments by default; 256 KiB doubled large-message bandwidth
+    # here (0.9 -> 1.8 GB/s at 16 MiB). Only read by the tcp transport.
+    "UCX_TCP_TX_SEG_SIZE": "256k",
+    "UCX_TCP_RX_SEG_SIZE": "256k",
 }
 
 TAG_BITS = 40  # low bits: the caller's tag; high 24 bits: the sender's rank
