@@ -57,15 +57,6 @@ def job_id() -> str:
     return given if given.isalnum() else uuid.uuid4().hex[:12]
 
 
-def detect_topology(bootstrap: Bootstrap, rails: int = 1) -> Topology:
-    """The override in TOPOCOLL_TOPOLOGY, else one node per distinct host of the job."""
-    override = topology_from_env(bootstrap.world_size)
-    if override is not None:
-        return override
-    hosts = bootstrap.all_gather_json(host_identity())
-    return Topology.from_hosts(hosts, rails=rails)
-
-
 class Communicator:
     def __init__(self, bootstrap: Bootstrap, transports: LevelTransports, topology: Topology,
                  timeout: float = DEFAULT_TIMEOUT, tuning: object | None = None) -> None:
