@@ -16,6 +16,7 @@ as Gloo's do.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -214,10 +215,17 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
         return _completed([])
 
     def shutdown(self) -> None:
+        """Close our transports, then the inner native groups, in that order and once:
+        left to interpreter teardown, a Gloo group can be destroyed while its threads
+        still run (seen once as `terminate called without an active exception`)."""
         for comm in self._comms.values():
             for transport in comm.transports.all():
                 transport.close()
         self._comms.clear()
+        for group in self._inner.values():
+            with contextlib.suppress(Exception):
+                group.shutdown()
+        self._inner.clear()
 
     def abort(self) -> None:
         self.shutdown()
