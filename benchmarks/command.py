@@ -26,6 +26,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         iters=args.iters,
         warmup=args.warmup,
         check=args.check,
+        profile=getattr(args, "profile", None),
     )
 
 
@@ -41,6 +42,8 @@ def _child_argv(args: argparse.Namespace, launcher: str) -> list[str]:
         argv.append("--check")
     if args.json:
         argv += ["--json", os.path.abspath(args.json)]
+    if getattr(args, "profile", None):
+        argv += ["--profile", os.path.abspath(args.profile)]
     return argv
 
 

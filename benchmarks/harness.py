@@ -21,9 +21,13 @@ from typing import Any, TextIO
 from topocoll.comm.algorithms import NATIVE, TUNED, algorithm_names
 from topocoll.comm.job import Job
 from topocoll.comm.transports.base import NotSupportedError
+from topocoll.comm.tuner import predict, rank_candidates
+from topocoll.topology import Topology
+from topocoll.topology.profile import Profile, load_profile
 
 from .bound import LinkBudget, bound_us, link_budget
 from .collectives import ENTRIES, Case, count_wrong, uneven_splits
+from .regret import format_accuracy, format_regret, regret_rows
 from .sizes import format_size
 
 PLANT_WRONG = "TOPOCOLL_BENCH_PLANT_WRONG"
@@ -43,6 +47,7 @@ class BenchOptions:
     check: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     inter_rate_bps: float | None = None  # bytes/s of one inter-node link, for the bound
+    profile: str | None = None  # profile JSON: rows get the cost model's predicted_us
 
 
 def expand_algorithms(names: str | list[str], collective: str) -> tuple[str, ...]:
@@ -83,7 +88,8 @@ def _call(job: Job, collective: str, case: Case, algorithm: str, op: str
 
 
 def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
-            budget: LinkBudget | None = None) -> dict[str, Any] | None:
+            budget: LinkBudget | None = None, profile: Profile | None = None
+            ) -> dict[str, Any] | None:
     """One row (on every rank; rank 0's is the one reported). None if not supported."""
     entry = ENTRIES[opts.collective]
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
@@ -135,9 +141,36 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
         "busbw_gbs": round(algbw * entry.bus_factor(job.world_size), 6),
         "wrong": sum(r["wrong"] for r in everyone) if opts.check else None,
         "samples_us": [round(s, 3) for s in slowest],
-        "predicted_us": None,
+        "predicted_us": _predicted(opts.collective, chosen, nbytes, topology, profile,
+                                   element) if job.rank == 0 else None,
+        "model_pick": _model_pick(opts.collective, nbytes, topology, profile)
+        if job.rank == 0 and algorithm == TUNED else None,
         "bound_us": None if bound is None else round(bound, 3),
     }
+
+
+def _predicted(collective: str, algorithm: str, nbytes: int, topology: Topology,
+               profile: Profile | None, itemsize: int) -> float | None:
+    if profile is None or algorithm == NATIVE:
+        return None
+    value = predict(collective, algorithm, nbytes, topology, profile, itemsize)
+    return None if value is None else round(value, 3)
+
+
+def _model_pick(collective: str, nbytes: int, topology: Topology, profile: Profile | None
+                ) -> str | None:
+    if profile is None:
+        return None
+    ranked = rank_candidates(collective, nbytes, topology, profile)
+    return ranked[0][0] if ranked else None
+
+
+def sweep_profile(job: Job, opts: BenchOptions) -> Profile | None:
+    """The figures predicted_us comes from: --profile, else the tuning table's own."""
+    if opts.profile:
+        return load_profile(opts.profile)
+    tuning = job.communicator.tuning
+    return getattr(tuning, "profile", None)
 
 
 def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
@@ -165,12 +198,13 @@ def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
     context["link_budget"] = None if budget is None else {
         "rate_bytes_per_s": budget.rate_bytes_per_s, "burst_bytes": budget.burst_bytes,
         "source": budget.source}
+    profile = sweep_profile(job, opts)
     rows = []
     total = len(opts.sizes) * len(opts.algorithms)
     with _progress(lead and total > 1, total) as advance:
         for nbytes in opts.sizes:
             for algorithm in opts.algorithms:
-                row = measure(job, opts, nbytes, algorithm, budget)
+                row = measure(job, opts, nbytes, algorithm, budget, profile)
                 advance()
                 if row is None:
                     if lead:
@@ -184,6 +218,11 @@ def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
                     if json_out is not None:
                         json_out.write(json.dumps(row, sort_keys=True) + "\n")
                         json_out.flush()
+    if lead:
+        for section in (format_regret(regret_rows(rows)), format_accuracy(rows)):
+            if section:
+                out.write(section + "\n")
+        out.flush()
     return rows
 
 

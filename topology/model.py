@@ -187,5 +187,7 @@ class Topology:
 
     def describe(self) -> str:
         layout = "+".join(str(n) for n in self.layout)
+        if self.is_uniform and self.num_nodes > 4:
+            layout = f"{self.num_nodes} x {self.layout[0]}"
         return (f"{self.world_size} ranks on {self.num_nodes} node(s) [{layout}], "
                 f"{self.rails} rail(s), intra={self.intra_link}, inter={self.inter_link}")

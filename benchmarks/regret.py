@@ -1,0 +1,116 @@
+"""Regret: how far a pick is from the measured best forced algorithm, per size.
+
+For each size of a sweep: the best of our forced algorithms (measured in the same run),
+the `tuned` row's time (the tuner's pick as the backend runs it) and, when a profile is
+loaded, the measured time of the model's own first choice. Regret = time / best - 1.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from topocoll.comm.algorithms import NATIVE, TUNED
+
+from .sizes import format_size
+
+WITHIN = 0.10  # the acceptance line: within 10% of the best
+
+
+@dataclass(frozen=True)
+class RegretRow:
+    bytes: int
+    best: str
+    best_us: float
+    tuned_us: float | None
+    tuned_pick: str | None
+    model_pick: str | None
+    model_us: float | None
+
+    @property
+    def tuned_regret(self) -> float | None:
+        return None if self.tuned_us is None else self.tuned_us / self.best_us - 1
+
+    @property
+    def model_regret(self) -> float | None:
+        return None if self.model_us is None else self.model_us / self.best_us - 1
+
+
+def regret_rows(rows: Iterable[Mapping[str, Any]]) -> list[RegretRow]:
+    forced: dict[int, dict[str, float]] = defaultdict(dict)
+    tuned: dict[int, Mapping[str, Any]] = {}
+    for row in rows:
+        algo, size = row.get("algorithm"), int(row.get("bytes", 0))
+        if algo == TUNED:
+            tuned[size] = row
+        elif algo != NATIVE and row.get("time_us"):
+            forced[size][str(algo)] = float(row["time_us"])
+    out = []
+    for size in sorted(forced):
+        times = forced[size]
+        best = min(times, key=lambda a: times[a])
+        t_row = tuned.get(size)
+        model = t_row.get("model_pick") if t_row else None
+        out.append(RegretRow(size, best, times[best],
+                             float(t_row["time_us"]) if t_row else None,
+                             str(t_row.get("chosen")) if t_row else None,
+                             model, times.get(model) if model else None))
+    return out
+
+
+def format_regret(rows: list[RegretRow]) -> str:
+    if not rows or all(r.tuned_us is None and r.model_us is None for r in rows):
+        return ""
+    lines = ["# regret against the best forced algorithm of this run",
+             f"{'size':>8}  {'best':<20}{'best(us)':>12}  {'tuned->':<20}{'tuned(us)':>12}"
+             f"{'regret':>9}  {'model pick':<20}{'regret':>9}"]
+    for r in rows:
+        tr = f"{r.tuned_regret * 100:+.1f}%" if r.tuned_regret is not None else "-"
+        mr = f"{r.model_regret * 100:+.1f}%" if r.model_regret is not None else "-"
+        tuned = f"{r.tuned_us:.1f}" if r.tuned_us is not None else "-"
+        lines.append(f"{format_size(r.bytes):>8}  {r.best:<20}{r.best_us:>12.1f}  "
+                     f"{r.tuned_pick or '-':<20}{tuned:>12}{tr:>9}  {r.model_pick or '-':<20}"
+                     f"{mr:>9}")
+    lines.append(summary(rows))
+    return "\n".join(lines)
+
+
+def summary(rows: list[RegretRow]) -> str:
+    parts = []
+    for label, values in (("tuned", [r.tuned_regret for r in rows]),
+                          ("model pick", [r.model_regret for r in rows])):
+        known = [v for v in values if v is not None]
+        if known:
+            ok = sum(1 for v in known if v <= WITHIN)
+            parts.append(f"{label} within {WITHIN:.0%} of the best at {ok}/{len(known)} sizes "
+                         f"({ok / len(known):.0%}), worst {max(known) * 100:+.1f}%")
+    return "# regret summary: " + "; ".join(parts) if parts else ""
+
+
+ACCURACY_FROM = 1 << 20  # the model is judged from 1 MiB up (below, latency noise rules)
+
+
+def format_accuracy(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The cost model's error per row that has a prediction, and its worst from 1 MiB."""
+    judged = [r for r in rows if r.get("predicted_us") and r.get("time_us")]
+    if not judged:
+        return ""
+    lines = ["# cost model: predicted vs measured",
+             f"{'size':>8}  {'algorithm':<22}{'measured(us)':>14}{'predicted(us)':>15}"
+             f"{'error':>9}"]
+    worst = []
+    for r in judged:
+        err = float(r["predicted_us"]) / float(r["time_us"]) - 1
+        name = str(r.get("chosen") or r["algorithm"])
+        lines.append(f"{format_size(int(r['bytes'])):>8}  {name:<22}{r['time_us']:>14.1f}"
+                     f"{r['predicted_us']:>15.1f}{err * 100:>+8.1f}%")
+        if int(r["bytes"]) >= ACCURACY_FROM:
+            worst.append((abs(err), name, int(r["bytes"])))
+    if worst:
+        within = sum(1 for e, _, _ in worst if e <= 0.25)
+        e, name, size = max(worst)
+        lines.append(f"# model accuracy from 1M: {within}/{len(worst)} rows within 25%, worst "
+                     f"{e * 100:.0f}% ({name} at {format_size(size)})")
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""The cost model: what a schedule costs on a topology with a measured profile.
+
+It reads the schedule IR and nothing else (no knowledge of specific algorithms), so every
+generator is priced the moment it exists. The model is alpha-beta per link class with
+three refinements that matter on real clusters:
+
+- **rendezvous**: a message starts when both its sender and its receiver have reached
+  the phase that holds it, so a slow rank delays its partners (per-rank clocks, priced
+  in dependency order, as the executor runs them);
+- **link sharing**: messages of one phase (the unit of concurrency in the IR) that cross
+  the same shared resource share its bandwidth: a node's uplink per rail and direction,
+  a node's memory system for intra-node copies, and each rank's own injection and
+  ejection bandwidth. A message then takes `alpha + max(bytes * beta, load(resource) *
+  shared_beta for each resource it crosses)`: the busiest resource sets the pace;
+- **CPU costs**: a per-step overhead of the executor/transport and the local reduce and
+  copy steps (gamma per byte), measured by the profiler.
+
+Prices are vectors over `scales`: every byte count of the schedule multiplied by each
+scale, so one schedule built at a reference size prices a whole size sweep at once (the
+simulator uses this; the tuner builds the exact schedule per size).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from topocoll.topology import Level, Topology
+from topocoll.topology.profile import Profile
+
+from .schedule import Copy, Native, Recv, Reduce, Scale, Schedule, Send
+
+
+class CostModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Message:
+    src: int
+    src_phase: int
+    dst: int
+    dst_phase: int
+    nbytes: float
+    level: Level
+
+
+@dataclass
+class _NativeCall:
+    group: tuple[int, ...]
+    phases: dict[int, int]  # member -> its phase index
+    alpha_us: float
+    per_scale_us: float
+
+
+def price(schedule: Schedule, profile: Profile, itemsize: int,
+          scales: Sequence[float] | np.ndarray = (1.0,)) -> np.ndarray:
+    """Predicted time in microseconds of the slowest rank, one value per scale."""
+    scale = np.asarray(scales, dtype=float)
+    topology = schedule.topology
+    messages = _match_messages(schedule, itemsize)
+    natives = _native_calls(schedule, profile, itemsize)
+    durations = _message_costs(messages, topology, profile)
+    by_rank_phase: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, m in enumerate(messages):
+        by_rank_phase[m.src, m.src_phase].append(index)
+        if m.dst != m.src:
+            by_rank_phase[m.dst, m.dst_phase].append(index)
+    native_at: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, call in enumerate(natives):
+        for member, phase in call.phases.items():
+            native_at[member, phase].append(index)
+    local = _local_costs(schedule, profile, itemsize)
+    comm_steps = [[sum(1 for s in ph if isinstance(s, (Send, Recv, Native)))
+                   for ph in prog.phases] for prog in schedule.programs]
+    return _simulate(schedule, messages, durations, natives, by_rank_phase, native_at,
+                     local, comm_steps, profile.overhead_us, scale)
+
+
+def _simulate(schedule: Schedule, messages: list[_Message],
+              durations: list[tuple[float, float]], natives: list[_NativeCall],
+              by_rank_phase: dict[tuple[int, int], list[int]],
+              native_at: dict[tuple[int, int], list[int]],
+              local: list[list[float]], comm_steps: list[list[int]], overhead_us: float,
+              scale: np.ndarray) -> np.ndarray:
+    """Advance every rank's clock phase by phase, in an order that respects rendezvous."""
+    p = schedule.world_size
+    n_phases = [len(prog.phases) for prog in schedule.programs]
+    starts: list[dict[int, np.ndarray]] = [{} for _ in range(p)]
+    clock = [np.zeros_like(scale) for _ in range(p)]
+    position = [0] * p
+    for r in range(p):
+        if n_phases[r]:
+            starts[r][0] = clock[r]
+    remaining = sum(1 for r in range(p) if n_phases[r])
+    while remaining:
+        progressed = False
+        for r in range(p):
+            while position[r] < n_phases[r]:
+                i = position[r]
+                msgs = by_rank_phase.get((r, i), ())
+                calls = native_at.get((r, i), ())
+                if not _partners_ready(r, msgs, calls, messages, natives, starts):
+                    break
+                start = starts[r][i]
+                end = start + comm_steps[r][i] * overhead_us
+                for index in msgs:
+                    m = messages[index]
+                    alpha, per_scale = durations[index]
+                    begin = np.maximum(starts[m.src][m.src_phase], starts[m.dst][m.dst_phase])
+                    end = np.maximum(end, begin + alpha + per_scale * scale)
+                for index in calls:
+                    call = natives[index]
+                    begin = np.max([starts[q][ph] for q, ph in call.phases.items()], axis=0)
+                    end = np.maximum(end, begin + call.alpha_us + call.per_scale_us * scale)
+                clock[r] = end + local[r][i] * scale
+                position[r] = i + 1
+                progressed = True
+                if position[r] < n_phases[r]:
+                    starts[r][position[r]] = clock[r]
+                else:
+                    remaining -= 1
+        if not progressed:
+            stuck = [r for r in range(p) if position[r] < n_phases[r]]
+            raise CostModelError(f"{schedule.algorithm}: ranks {stuck[:8]} wait on each "
+                                 "other (the schedule deadlocks under rendezvous)")
+    return np.max(clock, axis=0)
+
+
+def _partners_ready(rank: int, msgs: Sequence[int], calls: Sequence[int],
+                    messages: list[_Message], natives: list[_NativeCall],
+                    starts: list[dict[int, np.ndarray]]) -> bool:
+    for index in msgs:
+        m = messages[index]
+        other, phase = (m.dst, m.dst_phase) if m.src == rank else (m.src, m.src_phase)
+        if phase not in starts[other]:
+            return False
+    for index in calls:
+        if any(ph not in starts[q] for q, ph in natives[index].phases.items()):
+            return False
+    return True
+
+
+# ----- what the schedule moves --------------------------------------------------------
+def _match_messages(schedule: Schedule, itemsize: int) -> list[_Message]:
+    """Pair sends with receives in order per (sender, receiver, tag) channel."""
+    sends: dict[tuple[int, int, int], list[tuple[int, Send]]] = defaultdict(list)
+    recvs: dict[tuple[int, int, int], list[tuple[int, Recv]]] = defaultdict(list)
+    for prog in schedule.programs:
+        for i, phase in enumerate(prog.phases):
+            for step in phase:
+                if isinstance(step, Send):
+                    sends[prog.rank, step.peer, step.tag].append((i, step))
+                elif isinstance(step, Recv):
+                    recvs[step.peer, prog.rank, step.tag].append((i, step))
+    out: list[_Message] = []
+    topology = schedule.topology
+    for key, posted in sends.items():
+        wanted = recvs.get(key, [])
+        if len(wanted) != len(posted):
+            raise CostModelError(f"{schedule.algorithm}: channel {key} has {len(posted)} sends "
+                                 f"but {len(wanted)} receives")
+        src, dst, _ = key
+        for (si, send), (ri, _recv) in zip(posted, wanted):
+            level = send.level or topology.level(src, dst)
+            out.append(_Message(src, si, dst, ri, float(send.src.count * itemsize), level))
+    return out
+
+
+def _resources(m: _Message, topology: Topology) -> list[tuple[str, ...]]:
+    """The shared resources a message occupies besides its own endpoints."""
+    if m.level.kind == "inter":
+        rail = str(m.level.rail or 0)
+        return [("up", str(topology.node_of[m.src]), rail),
+                ("down", str(topology.node_of[m.dst]), rail)]
+    if m.level.kind == "intra":
+        return [("mem", str(topology.node_of[m.src]))]
+    return []
+
+
+def _message_costs(messages: list[_Message], topology: Topology, profile: Profile
+                   ) -> list[tuple[float, float]]:
+    """(alpha, microseconds per unit scale) of every message, link sharing included.
+
+    Concurrency is judged per phase of the sender: the messages one phase issues are in
+    flight together (the executor posts a phase's communication at once).
+    """
+    load: dict[tuple[int, tuple[str, ...]], float] = defaultdict(float)
+    inject: dict[tuple[int, int, str], float] = defaultdict(float)
+    for m in messages:
+        if m.level.kind == "self":
+            continue
+        for res in _resources(m, topology):
+            load[m.src_phase, res] += m.nbytes
+        inject[m.src_phase, m.src, "out"] += m.nbytes
+        inject[m.src_phase, m.dst, "in"] += m.nbytes
+    out: list[tuple[float, float]] = []
+    for m in messages:
+        link = profile.link(m.level)
+        if m.level.kind == "self":
+            out.append((0.0, m.nbytes * profile.copy_us_per_byte))
+            continue
+        per_scale = max(inject[m.src_phase, m.src, "out"], inject[m.src_phase, m.dst, "in"]
+                        ) * link.beta_us_per_byte
+        for res in _resources(m, topology):
+            per_scale = max(per_scale, load[m.src_phase, res] * link.shared_beta_us_per_byte)
+        out.append((link.alpha_us, per_scale))
+    return out
+
+
+def _local_costs(schedule: Schedule, profile: Profile, itemsize: int) -> list[list[float]]:
+    """Microseconds per unit scale of each phase's local steps, per rank."""
+    costs: list[list[float]] = []
+    for prog in schedule.programs:
+        row = []
+        for phase in prog.phases:
+            total = 0.0
+            for step in phase:
+                if isinstance(step, Reduce):
+                    operands = max(len(step.srcs) - 1, 1)
+                    total += step.dst.count * itemsize * operands * profile.reduce_us_per_byte
+                elif isinstance(step, Copy):
+                    total += step.dst.count * itemsize * profile.copy_us_per_byte
+                elif isinstance(step, Scale):
+                    total += step.dst.count * itemsize * profile.reduce_us_per_byte
+            row.append(total)
+        costs.append(row)
+    return costs
+
+
+def _native_calls(schedule: Schedule, profile: Profile, itemsize: int) -> list[_NativeCall]:
+    """Native sub-group collectives, matched by order per group, priced as a ring.
+
+    A library's own collective is a black box to us; a ring on the group's link class is
+    what Gloo and MPI run for large vectors, and an honest first guess for small ones.
+    """
+    calls: dict[tuple[tuple[int, ...], int], _NativeCall] = {}
+    seen: dict[tuple[int, tuple[int, ...]], int] = defaultdict(int)
+    for prog in schedule.programs:
+        for i, phase in enumerate(prog.phases):
+            for step in phase:
+                if not isinstance(step, Native):
+                    continue
+                k = seen[prog.rank, step.group]
+                seen[prog.rank, step.group] += 1
+                call = calls.get((step.group, k))
+                if call is None:
+                    call = _price_native(step, schedule.topology, profile, itemsize)
+                    calls[step.group, k] = call
+                call.phases[prog.rank] = i
+    return list(calls.values())
+
+
+def _price_native(step: Native, topology: Topology, profile: Profile, itemsize: int
+                  ) -> _NativeCall:
+    g = len(step.group)
+    level = step.level or Level("intra")
+    link = profile.link(level)
+    total = max(step.src.count, step.dst.count) * itemsize
+    if step.collective == "all_reduce":
+        steps, factor = 2 * (g - 1), 2.0 * (g - 1) / g
+    elif step.collective == "broadcast":
+        steps, factor = max(g - 1, 0).bit_length(), 1.0
+    else:  # reduce_scatter / all_gather: (g-1)/g of the whole vector
+        steps, factor = g - 1, (g - 1) / g
+    beta = max(link.beta_us_per_byte, link.shared_beta_us_per_byte)
+    reduce = (total * (g - 1) / g * profile.reduce_us_per_byte
+              if step.collective in ("all_reduce", "reduce_scatter") else 0.0)
+    return _NativeCall(step.group, {}, steps * link.alpha_us,
+                       factor * total * beta + reduce)

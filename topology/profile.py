@@ -1,0 +1,275 @@
+"""The interconnect profile: measured latency and bandwidth per link class.
+
+A profile is what the cost model needs to price a schedule on real links:
+- per link class (`intra`, `inter/<rail>`; `inter` as the default for every rail):
+  `alpha_us` (per-message latency), `beta_us_per_byte` (inverse bandwidth of one flow)
+  and `shared_beta_us_per_byte` (inverse bandwidth of the shared resource behind the link,
+  a node's uplink on that rail or a node's memory system, when every pair uses it at
+  once), with the fit quality `r2` and the flow count of the concurrent sweep;
+- `compute`: local reduce and copy cost per byte (the gamma of the literature);
+- `overhead_us`: the executor's per-step cost on the CPU (posting and polling a message).
+
+It is read from JSON written by `topocoll profile` (or built from a preset's nominal
+figures) and never trusted: every field is type-checked and a bad file raises
+`ProfileError` naming the file and the field. No pickle, no eval: plain JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import Level, Topology
+from .presets import Preset
+
+SCHEMA = "topocoll.profile"
+VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile file or object that cannot be used; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """alpha-beta figures of one link class."""
+
+    alpha_us: float
+    beta_us_per_byte: float
+    shared_beta_us_per_byte: float
+    r2: float | None = None
+    flows: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha_us": self.alpha_us, "beta_us_per_byte": self.beta_us_per_byte,
+                "shared_beta_us_per_byte": self.shared_beta_us_per_byte, "r2": self.r2,
+                "flows": self.flows}
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        return 1e-3 / self.beta_us_per_byte if self.beta_us_per_byte > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Link figures for one topology shape and transport."""
+
+    links: dict[str, LinkProfile]
+    reduce_us_per_byte: float
+    copy_us_per_byte: float
+    overhead_us: float
+    topology: Topology | None = None
+    transport: str = ""
+    intra: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    samples: tuple[dict[str, Any], ...] = ()
+    created: str = ""
+    source: str = ""
+
+    def link(self, level: Level | str) -> LinkProfile:
+        """Figures for a level: `inter/1` falls back to `inter`, `self` to a local copy."""
+        key = str(level)
+        if key in self.links:
+            return self.links[key]
+        kind = key.partition("/")[0]
+        if kind in self.links:
+            return self.links[kind]
+        if kind == "self":
+            return LinkProfile(0.0, self.copy_us_per_byte, self.copy_us_per_byte)
+        if kind == "inter":
+            rails = sorted(k for k in self.links if k.startswith("inter/"))
+            if rails:
+                return self.links[rails[0]]
+        if kind == "intra" and "inter" in self.links:  # one-level job measured on the network
+            return self.links["inter"]
+        raise ProfileError(f"profile {self.source or '(in memory)'}: no figures for link "
+                           f"class {key!r}; has {', '.join(sorted(self.links))}")
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.topology.fingerprint if self.topology is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "version": VERSION, "created": self.created,
+            "topology": self.topology.to_dict() if self.topology is not None else None,
+            "fingerprint": self.fingerprint, "transport": self.transport, "intra": self.intra,
+            "versions": dict(self.versions),
+            "links": {k: v.to_dict() for k, v in sorted(self.links.items())},
+            "compute": {"reduce_us_per_byte": self.reduce_us_per_byte,
+                        "copy_us_per_byte": self.copy_us_per_byte},
+            "overhead_us": self.overhead_us,
+            "samples": list(self.samples),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+# ----- building ------------------------------------------------------------------------
+def from_preset(preset: Preset) -> Profile:
+    """Nominal figures of a preset (datasheet-level), for simulation."""
+    def figures(f: Any, sharers: int) -> LinkProfile:
+        beta = 1e-3 / f.bandwidth_gbs
+        return LinkProfile(f.alpha_us, beta, beta / sharers, None, sharers)
+
+    # A GPU node's NVLink fabric scales with its GPUs (each has its own links into the
+    # switch): the node's aggregate is ranks_per_node times one GPU's. A rail's NIC is one
+    # link, shared by the ranks on that rail.
+    return Profile(
+        links={"intra": figures(preset.intra, preset.ranks_per_node),
+               "inter": figures(preset.inter, 1)},
+        reduce_us_per_byte=1e-3 / 1000.0,  # ~1 TB/s device reduce
+        copy_us_per_byte=1e-3 / 1000.0,
+        overhead_us=2.0,
+        topology=preset.topology(),
+        transport="nominal",
+        source=f"preset {preset.name}",
+    )
+
+
+@dataclass(frozen=True)
+class Fit:
+    alpha_us: float
+    beta_us_per_byte: float
+    r2: float
+
+
+def fit_alpha_beta(points: Sequence[tuple[float, float]]) -> Fit:
+    """Least-squares time = alpha + beta * bytes, weighted toward relative error.
+
+    Times span five decades over a size sweep, so an unweighted fit would ignore every
+    small message; weighting each point by 1/time fits relative error instead. alpha and
+    beta are clamped at zero (a negative latency is a fitting artefact, not a link).
+    """
+    pts = [(float(b), float(t)) for b, t in points if t > 0]
+    if len(pts) < 2:
+        raise ProfileError(f"need at least two timed sizes to fit alpha/beta, got {len(pts)}")
+    w = [1.0 / t for _, t in pts]
+    sw = sum(wi * wi for wi in w)
+    sx = sum(wi * wi * b for wi, (b, _) in zip(w, pts))
+    sy = sum(wi * wi * t for wi, (_, t) in zip(w, pts))
+    sxx = sum(wi * wi * b * b for wi, (b, _) in zip(w, pts))
+    sxy = sum(wi * wi * b * t for wi, (b, t) in zip(w, pts))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        raise ProfileError("alpha/beta fit needs at least two distinct sizes")
+    beta = max((sw * sxy - sx * sy) / det, 0.0)
+    alpha = max((sy - beta * sx) / sw, 0.0)
+    mean = sy / sw
+    ss_tot = sum(wi * wi * (t - mean) ** 2 for wi, (_, t) in zip(w, pts))
+    ss_res = sum(wi * wi * (t - alpha - beta * b) ** 2 for wi, (b, t) in zip(w, pts))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(alpha, beta, r2)
+
+
+# ----- loading -------------------------------------------------------------------------
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file; any problem is a ProfileError naming the file."""
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ProfileError(f"profile {where}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"profile {where}: not valid JSON: {exc}") from None
+    return profile_from_dict(data, where)
+
+
+def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"profile {where}: top level must be an object")
+    if data.get("schema") != SCHEMA:
+        raise ProfileError(f"profile {where}: field 'schema' must be {SCHEMA!r}, "
+                           f"got {data.get('schema')!r}")
+    if data.get("version") != VERSION:
+        raise ProfileError(f"profile {where}: field 'version' {data.get('version')!r} is "
+                           f"not supported (this topocoll reads version {VERSION})")
+    links_data = _field(data, "links", Mapping, where)
+    if not links_data:
+        raise ProfileError(f"profile {where}: field 'links' is empty")
+    links: dict[str, LinkProfile] = {}
+    for name, entry in links_data.items():
+        try:
+            Level.parse(str(name))
+        except ValueError:
+            raise ProfileError(f"profile {where}: links: unknown link class {name!r}") from None
+        at = f"links.{name}"
+        if not isinstance(entry, Mapping):
+            raise ProfileError(f"profile {where}: field '{at}' must be an object")
+        beta = _number(entry, "beta_us_per_byte", where, at)
+        r2 = entry.get("r2")
+        if r2 is not None and not _finite(r2):
+            raise ProfileError(f"profile {where}: field '{at}.r2' must be a number or null")
+        flows = entry.get("flows", 1)
+        if not isinstance(flows, int) or isinstance(flows, bool) or flows < 1:
+            raise ProfileError(f"profile {where}: field '{at}.flows' must be a positive int")
+        links[str(name)] = LinkProfile(
+            alpha_us=_number(entry, "alpha_us", where, at),
+            beta_us_per_byte=beta,
+            shared_beta_us_per_byte=_number(entry, "shared_beta_us_per_byte", where, at,
+                                            default=beta),
+            r2=float(r2) if r2 is not None else None,
+            flows=flows,
+        )
+    compute = _field(data, "compute", Mapping, where)
+    topology = None
+    if data.get("topology") is not None:
+        try:
+            topology = Topology.from_dict(_field(data, "topology", Mapping, where))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProfileError(f"profile {where}: field 'topology': {exc}") from None
+    samples = data.get("samples", [])
+    if not isinstance(samples, list) or not all(isinstance(s, Mapping) for s in samples):
+        raise ProfileError(f"profile {where}: field 'samples' must be a list of objects")
+    versions = data.get("versions", {})
+    if not isinstance(versions, Mapping):
+        raise ProfileError(f"profile {where}: field 'versions' must be an object")
+    return Profile(
+        links=links,
+        reduce_us_per_byte=_number(compute, "reduce_us_per_byte", where, "compute"),
+        copy_us_per_byte=_number(compute, "copy_us_per_byte", where, "compute"),
+        overhead_us=_number(data, "overhead_us", where, ""),
+        topology=topology,
+        transport=str(data.get("transport", "")),
+        intra=str(data.get("intra", "")),
+        versions={str(k): str(v) for k, v in versions.items()},
+        samples=tuple(dict(s) for s in samples),
+        created=str(data.get("created", "")),
+        source=where,
+    )
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
+    if name not in data:
+        raise ProfileError(f"profile {where}: missing field '{name}'")
+    value = data[name]
+    if not isinstance(value, kind):
+        raise ProfileError(f"profile {where}: field '{name}' has the wrong type "
+                           f"({type(value).__name__})")
+    return value
+
+
+def _number(data: Mapping[str, Any], name: str, where: str, at: str,
+            default: float | None = None) -> float:
+    path = f"{at}.{name}" if at else name
+    if name not in data:
+        if default is not None:
+            return default
+        raise ProfileError(f"profile {where}: missing field '{path}'")
+    value = data[name]
+    if not _finite(value) or value < 0:
+        raise ProfileError(f"profile {where}: field '{path}' must be a finite number >= 0, "
+                           f"got {value!r}")
+    return float(value)
