@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.topocoll-installed
 RESULTS ?= results
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# Headless Chromium for the report's browser test (tests/test_report.py): Debian's package,
+# installed when missing and we are root; otherwise that test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the report's browser test will be skipped"
+
+test: install browser lint
 	$(BIN)/python -m pytest -q
 
 # The main job: as root, an emulated 2-node x 4-rank cluster with 1 Gbit/s uplinks (then 2

@@ -20,8 +20,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from typing import Any
 
+from topocoll.comm.store import LOOPBACK, server_store
 from topocoll.comm.transports.shm import remove_segments
 
 AGENT_STORE_ENV = "TOPOCOLL_AGENT_STORE"
@@ -47,21 +48,37 @@ def _kill(procs: Sequence[subprocess.Popen]) -> None:
         proc.wait()
 
 
+def loopback_store(n: int, timeout: float) -> Any:
+    """The job's TCPStore, served from this process on 127.0.0.1 only (port 0: no guess)."""
+    return server_store(LOOPBACK, 0, n, timeout)
+
+
+def local_job_env(n: int, store_port: int, job: str, env: dict[str, str] | None = None
+                  ) -> dict[str, str]:
+    """The environment of every rank of a local job (RANK and LOCAL_RANK added per rank).
+
+    Everything a rank listens on stays on loopback unless the caller's environment says
+    otherwise: Gloo binds the address of GLOO_SOCKET_IFNAME, and UCX's TCP transport
+    listens on every device in UCX_NET_DEVICES (all of them by default: `ss -ltnp` showed
+    each rank listening on the machine's public address too).
+    """
+    base = {**os.environ, "TOPOCOLL_JOB_ID": job, **(env or {})}
+    base.update({"MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(store_port),
+                 "WORLD_SIZE": str(n), AGENT_STORE_ENV: "1", "OMP_NUM_THREADS": "1",
+                 "TORCHELASTIC_USE_AGENT_STORE": "True",
+                 "GLOO_SOCKET_IFNAME": base.get("GLOO_SOCKET_IFNAME", "lo"),
+                 "UCX_NET_DEVICES": base.get("UCX_NET_DEVICES", "lo")})
+    return base
+
+
 def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str] | None = None,
                  quiet_ranks: bool = True) -> LaunchResult:
     """Run `python argv...` as ranks 0..n-1; rank 0's stdout is ours."""
-    import torch.distributed as dist
-
     if n < 1:
         raise LaunchError(f"need at least one rank, got -n {n}")
-    store = dist.TCPStore("127.0.0.1", 0, n, True, timeout=timedelta(seconds=timeout),
-                          wait_for_workers=False)
+    store = loopback_store(n, timeout)
     job = uuid.uuid4().hex[:12]
-    base = {**os.environ, "TOPOCOLL_JOB_ID": job, **(env or {})}
-    base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-                 "WORLD_SIZE": str(n), AGENT_STORE_ENV: "1", "OMP_NUM_THREADS": "1",
-                 "TORCHELASTIC_USE_AGENT_STORE": "True",
-                 "GLOO_SOCKET_IFNAME": base.get("GLOO_SOCKET_IFNAME", "lo")})
+    base = local_job_env(n, store.port, job, env)
     procs: list[subprocess.Popen] = []
     logs = []
     try:

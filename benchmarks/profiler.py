@@ -5,6 +5,7 @@ and transports as every collective, so the figures include exactly the software 
 the cost model will price (posting, polling, the shared-memory rings, Gloo/MPI/UCX):
 - **ping-pong** per link class (`intra`: two ranks of node 0; `inter/k`: local rank k of
   node 0 and of node 1, for every rail k) over a size sweep -> alpha, beta (one flow);
+- **duplex**: the same pair sending both ways at once -> `duplex_beta`;
 - **concurrent**: every rank that uses the link class exchanges with its partner at
   once (both directions, all nodes) -> the slope per byte of the shared resource, divided
   by the flows that share it -> `shared_beta`;
@@ -150,21 +151,25 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
         f"(intra {job.intra})")
     say(f"{'link':<9}{'mode':<12}{'size':>8}{'time(us)':>14}{'GB/s':>10}")
     for link, (pair, pairs) in link_pairs(topology).items():
-        ping, conc = [], []
+        ping, duplex, conc = [], [], []
         for nbytes in opts.sizes:
             iters = _iters(nbytes, opts.iters)
             t = prober.timed(prober.pingpong(*pair, nbytes), nbytes, iters, opts.warmup,
                              f"profile {link} ping-pong") / 2
             ping.append((nbytes, t))
+            t_d = prober.timed(prober.exchange([pair], nbytes), nbytes, iters, opts.warmup,
+                               f"profile {link} duplex")
+            duplex.append((nbytes, t_d))
             t_c = prober.timed(prober.exchange(pairs, nbytes), nbytes, iters, opts.warmup,
                                f"profile {link} concurrent")
             conc.append((nbytes, t_c))
-            for mode, value, flows in (("pingpong", t, 1), ("concurrent", t_c, len(pairs))):
+            for mode, value, flows in (("pingpong", t, 1), ("duplex", t_d, 1),
+                                       ("concurrent", t_c, len(pairs))):
                 samples.append({"link": link, "mode": mode, "bytes": nbytes, "pairs": flows,
                                 "time_us": round(value, 3)})
                 say(f"{link:<9}{mode:<12}{format_size(nbytes):>8}{value:>14.1f}"
                     f"{nbytes / value / 1e3 if value else 0:>10.3f}")
-        links[link] = _link_figures(link, topology, ping, conc, pairs)
+        links[link] = _link_figures(link, topology, ping, duplex, conc, pairs)
     overhead = _overhead(prober, opts, samples)
     reduce_cost, copy_cost = _compute(prober, samples)
     profile = Profile(
@@ -173,17 +178,20 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
         versions=job.versions(), samples=tuple(samples),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured")
     for name, fig in sorted(links.items()):
-        say(f"# {name}: alpha {fig.alpha_us:.1f} us, {fig.bandwidth_gbs:.3f} GB/s per flow, "
-            f"shared {1e-3 / fig.shared_beta_us_per_byte:.3f} GB/s per flow of "
-            f"{fig.flows}, fit r2 {fig.r2:.3f}")
+        say(f"# {name}: alpha {fig.alpha_us:.1f} us, {fig.bandwidth_gbs:.3f} GB/s one flow "
+            f"({1e-3 / fig.duplex_beta:.3f} each way when a pair swaps), "
+            f"{1e-3 / fig.shared_beta_us_per_byte:.3f} GB/s aggregate under {fig.flows} "
+            f"flows, fit r2 {fig.r2:.3f}")
     say(f"# per-step overhead {overhead:.1f} us, reduce {1e-3 / reduce_cost:.2f} GB/s, "
         f"copy {1e-3 / copy_cost:.2f} GB/s")
     return profile
 
 
 def _link_figures(link: str, topology: Topology, ping: list[tuple[int, float]],
-                  conc: list[tuple[int, float]], pairs: list[tuple[int, int]]) -> LinkProfile:
+                  duplex: list[tuple[int, float]], conc: list[tuple[int, float]],
+                  pairs: list[tuple[int, int]]) -> LinkProfile:
     fit = fit_alpha_beta(ping)
+    both_ways = fit_alpha_beta(duplex)
     shared = fit_alpha_beta(conc)
     # Flows through one shared resource at once: on the network each pair crosses its
     # node's uplink both ways, so a node carries one flow per pair it takes part in; in
@@ -194,7 +202,7 @@ def _link_figures(link: str, topology: Topology, ping: list[tuple[int, float]],
         flows = max(sum(1 for a, _ in pairs if topology.node_of[a] == 0), 1)
     shared_beta = max(shared.beta_us_per_byte / flows, 0.0) or fit.beta_us_per_byte
     return LinkProfile(fit.alpha_us, fit.beta_us_per_byte, shared_beta, round(fit.r2, 4),
-                       flows)
+                       flows, max(both_ways.beta_us_per_byte, fit.beta_us_per_byte))
 
 
 def _overhead(prober: Prober, opts: ProfileOptions, samples: list[dict[str, Any]]) -> float:

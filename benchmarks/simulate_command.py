@@ -61,8 +61,44 @@ def markdown(collective: str, topology: Topology, rows: Sequence[SimRow]) -> str
     return "\n".join(lines) + "\n"
 
 
+def compare(topology: Topology, profile: Profile, paths: Sequence[str]) -> str:
+    """Simulated vs measured for every forced row of this topology shape (>= 1 MiB judged)."""
+    from .regret import ACCURACY_FROM
+    from .tune_command import read_rows
+
+    rows = [r for r in read_rows(list(paths))
+            if (r.get("topology") or {}).get("fingerprint") == topology.fingerprint
+            and r.get("algorithm") not in ("native", "tuned")]
+    if not rows:
+        return (f"# compare: no measured rows of this topology ({topology.fingerprint}) "
+                f"in {', '.join(paths)}")
+    lines = [f"# simulated vs measured ({topology.describe()})",
+             f"{'collective':<14}{'size':>8}  {'algorithm':<22}{'measured(us)':>14}"
+             f"{'simulated(us)':>15}{'error':>9}"]
+    judged = []
+    for r in sorted(rows, key=lambda r: (r["collective"], r["bytes"], r["algorithm"])):
+        size = int(r["bytes"])
+        itemsize = max(size // max(int(r.get("count") or 1), 1), 1)
+        simulated = simulate(topology, profile, r["collective"], [size], [r["algorithm"]],
+                             itemsize)[0].predicted_us
+        err = simulated / float(r["time_us"]) - 1
+        lines.append(f"{r['collective']:<14}{format_size(size):>8}  {r['algorithm']:<22}"
+                     f"{r['time_us']:>14.1f}{simulated:>15.1f}{err * 100:>+8.1f}%")
+        if size >= ACCURACY_FROM:
+            judged.append(abs(err))
+    if judged:
+        within = sum(1 for e in judged if e <= 0.25)
+        lines.append(f"# from 1M: {within}/{len(judged)} rows within 25% "
+                     f"(median error {sorted(judged)[len(judged) // 2] * 100:.0f}%, "
+                     f"worst {max(judged) * 100:.0f}%)")
+    return "\n".join(lines)
+
+
 def run_simulate_command(args: argparse.Namespace) -> int:
     profile, topology = _setup(args)
+    if args.compare:
+        print(compare(topology, profile, args.compare))
+        return 0
     sizes = parse_sizes(args.sizes)
     collectives = [c.strip() for c in args.collective.split(",") if c.strip()]
     started = time.perf_counter()

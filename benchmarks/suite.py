@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .regret import format_accuracy, regret_rows, summary
+
 BENCH = [sys.executable, "-m", "topocoll", "bench"]
 
 
@@ -33,6 +35,7 @@ class Sweep:
     sizes: str
     iters: int = 3
     check: bool = False
+    profile: str | None = None  # rows get the cost model's predicted_us
 
 
 def sweeps(quick: bool) -> list[Sweep]:
@@ -52,6 +55,22 @@ RAIL_SWEEPS = [
     Sweep("rails2_mpi_allreduce", "mpi", "all_reduce", "hierarchical,native", "64M"),
     Sweep("rails2_alltoall", "mpi", "all_to_all", "hierarchical_2d,native", "512K", 5),
 ]
+# The tuner's proof, in three steps on the 2x4 cluster: every algorithm measured over a
+# size sweep (the measurements the tuner refines its model with), the table built, then
+# every algorithm again *and* the tuned backend in one run: regret = tuned / best - 1.
+def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Sweep]]:
+    ar = "1K,4K,16K,64K,256K,1M,4M,16M,64M,256M" if full else "1K,16K,256K,1M,4M,16M"
+    a2a = "2K,8K,32K,128K,512K,2M,8M,32M,128M" if full else "2K,8K,32K,128K,512K,2M,8M"
+    iters, prof = (3 if full else 2), str(profile_path)
+    measure = [Sweep("measure_allreduce", "gloo", "all_reduce", "all", ar, iters, False, prof),
+               Sweep("measure_alltoall", "gloo", "all_to_all", "all", a2a, iters, False, prof)]
+    regret = [Sweep("regret_allreduce", "gloo", "all_reduce", "all,tuned", ar, iters, False,
+                    prof),
+              Sweep("regret_alltoall", "gloo", "all_to_all", "all,tuned", a2a, iters, False,
+                    prof)]
+    return measure, regret
+
+
 UNEVEN_SWEEPS = [
     Sweep("uneven_allreduce", "gloo", "all_reduce", "all", "4K,1M", 2, True),
     Sweep("uneven_alltoallv", "gloo", "all_to_all_v", "all", "8K,256K", 2, True),
@@ -63,6 +82,7 @@ def _bench_args(sweep: Sweep, launcher: str, json_path: Path) -> list[str]:
             "--collective", sweep.collective, "--algorithm", sweep.algorithms,
             "--sizes", sweep.sizes, "--iters", str(sweep.iters), "--warmup", "1",
             "--json", str(json_path), "--timeout", "240"]
+    args += ["--profile", sweep.profile] if sweep.profile else []
     return args + (["--check"] if sweep.check else [])
 
 
@@ -83,6 +103,56 @@ def run_sweep(sweep: Sweep, out: Path, tag: str, cluster: bool, layout: str) -> 
     if code:
         print(f"!!! {sweep.name} exited with {code}", flush=True)
     return json_path
+
+
+def profile(out: Path, cluster: bool, layout: str) -> Path | None:
+    """Measure alpha/beta per link class (`topocoll profile`)."""
+    path = out / "profile.json"
+    print("\n### profile: alpha/beta per link class", flush=True)
+    argv = [sys.executable, "-m", "topocoll", "profile", "--sizes", "1K:16M", "--iters", "8",
+            "--timeout", "120", "--out", str(path)]
+    if cluster:
+        from topocoll.topology.cluster import cluster_run
+
+        code = cluster_run("torchrun", [*argv, "--launcher", "torchrun"], timeout=600)
+    else:
+        code = subprocess.run([*argv, "--layout", layout], timeout=900).returncode
+    if code or not path.exists():
+        print(f"!!! profile exited with {code}; no tuning in this run", flush=True)
+        return None
+    return path
+
+
+def tune(out: Path, profile_path: Path, measured: list[Path]) -> Path | None:
+    """The decision table: the model refined by this run's measurements."""
+    table = out / "tuning.json"
+    results = [str(p) for p in measured if p.exists() and p.stat().st_size]
+    print("\n### tune: model + measurements -> tuning.json", flush=True)
+    code = subprocess.run([sys.executable, "-m", "topocoll", "tune", "--profile",
+                           str(profile_path), "--results", *results, "--out", str(table)],
+                          timeout=600).returncode
+    if code:
+        print(f"!!! tune exited with {code}", flush=True)
+        return None
+    return table
+
+
+def tuner_proof(out: Path, cluster: bool, layout: str, full: bool) -> list[Path]:
+    """profile -> measured sweep -> table -> (every algorithm + tuned) in one run."""
+    profile_path = profile(out, cluster, layout)
+    if profile_path is None:
+        return []
+    tag = "" if cluster else "local_"
+    measure, regret = tuning_sweeps(full, profile_path)
+    measured = [run_sweep(s, out, tag, cluster, layout) for s in measure]
+    table = tune(out, profile_path, measured)
+    if table is None:
+        return measured
+    os.environ["TOPOCOLL_TUNING_FILE"] = str(table.resolve())
+    try:
+        return measured + [run_sweep(s, out, tag, cluster, layout) for s in regret]
+    finally:
+        os.environ.pop("TOPOCOLL_TUNING_FILE")  # made for this shape only
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -137,6 +207,14 @@ def summarize(rows: list[dict]) -> str:
             share = 100 * row["bound_us"] / row["time_us"]
             lines.append(f"| {row['sweep']}: hierarchical at {share:.0f}% of the physical "
                          f"bound ({row['bound_us'] / 1e3:.0f} ms) | | | |")
+    for sweep in ("regret_allreduce", "regret_alltoall", "measure_allreduce",
+                  "measure_alltoall"):
+        mine = [r for r in rows if r["sweep"] == sweep]
+        if mine:
+            lines.append(f"| {sweep}: {summary(regret_rows(mine)).removeprefix('# ')} | | | |")
+            accuracy = format_accuracy(mine).splitlines()[-1]
+            if accuracy.startswith("# model accuracy"):
+                lines.append(f"| {sweep}: {accuracy.removeprefix('# ')} | | | |")
     checked = [r for r in rows if r.get("wrong") is not None]
     wrong = sum(r["wrong"] for r in checked)
     lines.append(f"| verified rows (--check) | {len(checked)} rows | #wrong total {wrong} | |")
@@ -162,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke)")
     parser.add_argument("--local", action="store_true", help="no emulated cluster")
+    parser.add_argument("--full", action="store_true",
+                        help="tuner sweeps up to 256 MiB (all-reduce) / 128 MiB (all-to-all), "
+                             "3 iterations: the committed report's run (~20 min)")
     parser.add_argument("--rate", default="1gbit")
     parser.add_argument("--burst", default="256kb")
     args = parser.parse_args(argv)
@@ -178,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster_up(2, 4, rate=args.rate, burst=args.burst)
             paths += [run_sweep(s, out, "", True, "4,4") for s in sweeps(args.quick)]
             if not args.quick:
+                paths += tuner_proof(out, True, "4,4", args.full)
+            if not args.quick:
                 cluster_up(2, 4, rails=2, rate=args.rate, burst=args.burst)
                 paths += [run_sweep(s, out, "", True, "4,4") for s in RAIL_SWEEPS]
             cluster_up(layout="3,5", rate=args.rate, burst=args.burst)
@@ -189,11 +272,17 @@ def main(argv: list[str] | None = None) -> int:
               "nodes of 2 and 3 ranks", flush=True)
         for sweep in sweeps(True)[:4] + UNEVEN_SWEEPS:
             paths.append(run_sweep(sweep, out, "local_", False, "2,3"))
+        if not args.quick:
+            paths += tuner_proof(out, False, "2,3", False)
     rows = load_rows(paths)
     summary = summarize(rows)
     (out / "summary.md").write_text(summary)
     print("\n" + summary)
+    from topocoll.reports.generate import write_report
+
+    index = write_report([out], out / "report")
     print(f"suite finished in {time.monotonic() - started:.0f} s; results in {out}/")
+    print(f"report: {index.resolve()} (open it in a browser)")
     return 0
 
 

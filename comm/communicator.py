@@ -1,14 +1,15 @@
 """The communicator: topology + transports + executor + algorithm choice, per job.
 
 This is what the torch backend, the benchmark and users' own code call. It validates the
-call, picks the algorithm (forced, tuned or default), builds (and caches) the schedule,
-and runs this rank's program on views of the caller's tensors.
+call (`validation`: local checks on every call, a cross-rank check of the call's signature
+on its first call, so a bad input is refused on every rank before any data moves), picks
+the algorithm (forced, tuned or default), builds (and caches) the schedule, and runs this
+rank's program on views of the caller's tensors.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import uuid
 from collections import OrderedDict
@@ -22,33 +23,39 @@ from .algorithms import NATIVE, TUNED, get_algorithm
 from .bootstrap import Bootstrap
 from .collectives import CollectiveSpec
 from .executor import Executor, LevelTransports
-from .ops import UnsupportedOpError, check_op
 from .schedule import Schedule
 from .selection import Choice, choose, default_params
 from .transports.base import Transport
 from .transports.shm import SharedMemoryTransport, host_identity
+from .validation import (
+    TORCH_DTYPES,
+    Agreement,
+    CollectiveError,
+    MismatchError,
+    Signature,
+    op_problem,
+    pair_problem,
+    parse_splits,
+    row_elements,
+    rows_of,
+    supported_devices,
+    tensor_problem,
+)
 
 log = logging.getLogger("topocoll")
 
-TORCH_DTYPES: dict[torch.dtype, str] = {
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.int32: "int32",
-    torch.int64: "int64",
-}
+__all__ = ["DEFAULT_TIMEOUT", "TORCH_DTYPES", "CollectiveError", "Communicator",
+           "MismatchError", "job_id"]
+
 DEFAULT_TIMEOUT = float(os.environ.get("TOPOCOLL_TIMEOUT", "300"))
 _CACHE_SIZE = 256
 
 
-def _row_elements(tensor: torch.Tensor) -> int:
-    """Elements per row of dim 0 (split sizes count rows, as in torch)."""
-    return math.prod(tensor.shape[1:]) if tensor.dim() > 1 else 1
-
-
-class CollectiveError(ValueError):
-    """A collective call that cannot be run as given; names rank, collective and problem."""
+def _label(name: str, params: dict[str, object]) -> str:
+    """The algorithm as ranks must agree on it: its name plus any explicit parameters."""
+    if not params:
+        return name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
 
 
 def job_id() -> str:
@@ -72,6 +79,12 @@ class Communicator:
         self.last_choice: Choice | None = None
         self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
         self._debug = os.environ.get("TOPOCOLL_DEBUG", "") not in ("", "0")
+        self.devices = supported_devices(transports.all())
+        # The input checks' own small all-gathers: on the device the transports move, and
+        # on their own executor so `executor.stats` count only the caller's collectives.
+        self._home = torch.device("cpu" if "cpu" in self.devices else "cuda")
+        self._control = Executor(self.rank, transports, timeout)
+        self.agreement = Agreement(self.rank, self._gather_ints, debug=self._debug)
 
     @classmethod
     def create(cls, bootstrap: Bootstrap, inter: Transport, intra: str | Transport = "shm",
@@ -98,15 +111,30 @@ class Communicator:
     def _error(self, collective: str, problem: str) -> CollectiveError:
         return CollectiveError(f"rank {self.rank}: {collective}: {problem}")
 
-    def _dtype(self, collective: str, tensor: torch.Tensor) -> str:
-        name = TORCH_DTYPES.get(tensor.dtype)
-        if name is None:
-            raise self._error(collective, f"unsupported dtype {tensor.dtype}; supported: "
-                                          f"{', '.join(map(str, TORCH_DTYPES))}")
-        if not tensor.is_contiguous():
-            raise self._error(collective, "tensor is not contiguous; call .contiguous() "
-                                          "first (topocoll sends tensors in place)")
-        return name
+    def _choose(self, collective: str, nbytes: int, algorithm: str | None
+                ) -> tuple[str, str | None]:
+        """The algorithm, or why none can be chosen (an unknown name, a bad
+        `TOPOCOLL_ALGO_*`): refused with the call's other problems, on every rank."""
+        try:
+            return self._pick(collective, nbytes, algorithm), None
+        except ValueError as exc:
+            return str(algorithm), str(exc)
+
+    def _admit(self, sig: Signature, problem: str | None) -> None:
+        """Refuse a bad call on every rank before any data moves (see `validation`)."""
+        if self.agreement.check(sig, problem):
+            self.agreement.remember(sig)
+
+    def _gather_ints(self, values: list[int], what: str) -> list[list[int]]:
+        """Every rank's int64 `values` (one length on all ranks), for the input checks:
+        our own direct all-gather, so it works on every transport and is bounded by the
+        communicator's timeout like any collective."""
+        p, n = self.world_size, len(values)
+        mine = torch.tensor(values, dtype=torch.int64, device=self._home)
+        full = torch.empty(p * n, dtype=torch.int64, device=self._home)
+        schedule = self.schedule("direct", CollectiveSpec.all_gather(p, n))
+        self._control.run(schedule.programs[self.rank], {"in": mine, "out": full}, what)
+        return full.view(p, n).tolist()
 
     def _pick(self, collective: str, nbytes: int, algorithm: str | None) -> str:
         if algorithm in (None, TUNED):
@@ -139,15 +167,20 @@ class Communicator:
         self.executor.run(schedule.programs[self.rank], buffers, what)
 
     # ----- collectives --------------------------------------------------------------
+    # Every collective first checks its call (refused with a `CollectiveError` on every
+    # rank, inputs untouched, if any rank's call is bad or ranks disagree): supported dtype
+    # and device, contiguous tensors (refused, not copied: we work in place), matching
+    # sizes and dtypes of input and output, op/dtype pair, split sizes; then, on the first
+    # call of its signature (every call with TOPOCOLL_DEBUG=1), that all ranks agree.
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", algorithm: str | None = None,
                    **params: object) -> torch.Tensor:
         """In place; returns `tensor`."""
-        dtype = self._dtype("all_reduce", tensor)
-        try:
-            check_op(op, dtype)
-        except UnsupportedOpError as exc:
-            raise self._error("all_reduce", str(exc)) from None
-        name = self._pick("all_reduce", tensor.numel() * tensor.element_size(), algorithm)
+        problem = (tensor_problem(tensor, "tensor", self.devices)
+                   or op_problem(op, tensor.dtype))
+        name, refused = self._choose("all_reduce", tensor.numel() * tensor.element_size(),
+                                     algorithm)
+        self._admit(Signature("all_reduce", tensor.dtype, tensor.numel(), str(op), -1, 1,
+                              _label(name, params), tensor.device.type), problem or refused)
         if name == NATIVE:
             self.transports.inter.native_all_reduce(tensor, op)
             return tensor
@@ -161,27 +194,46 @@ class Communicator:
                      out_splits: Sequence[int] | None = None,
                      in_splits: Sequence[int] | None = None,
                      algorithm: str | None = None, **params: object) -> torch.Tensor:
-        """Like `torch.distributed.all_to_all_single`: splits count rows of dim 0."""
+        """Like `torch.distributed.all_to_all_single`: splits count rows of dim 0.
+
+        Split sizes are checked on every call (entries, integers, sign, sum); that what
+        rank i sends to j is what j expects from i is checked across ranks on the first
+        call of a (dtype, row size, algorithm) signature, on every call whose algorithm
+        gathers the split matrix anyway (`bruck`, `hierarchical_2d`), and on every call
+        with TOPOCOLL_DEBUG=1. Row counts are left out of the signature on purpose: in MoE
+        dispatch they change every step, and checking each new value would add two
+        latency-bound rounds to a latency-bound collective.
+        """
         collective = "all_to_all" if out_splits is None and in_splits is None else "all_to_all_v"
-        self._dtype(collective, inp)
-        self._dtype(collective, out)
-        if inp.dtype != out.dtype:
-            raise self._error(collective, f"input is {inp.dtype} but output is {out.dtype}")
         p = self.world_size
-        row = _row_elements(inp)
-        if row != _row_elements(out):
-            raise self._error(collective, f"input rows hold {row} elements but output rows "
-                                          f"hold {_row_elements(out)}")
-        send = self._splits(collective, "input", inp, in_splits, p)
-        recv = self._splits(collective, "output", out, out_splits, p)
+        row = row_elements(inp)
+        in_rows, out_rows = rows_of(inp), rows_of(out)
+        send, bad_send = parse_splits("input", in_rows, in_splits, p)
+        recv, bad_recv = parse_splits("output", out_rows, out_splits, p)
+        problem = (tensor_problem(inp, "input", self.devices)
+                   or tensor_problem(out, "output", self.devices) or pair_problem(inp, out)
+                   or (f"input rows hold {row} elements but output rows hold "
+                       f"{row_elements(out)}" if row != row_elements(out) else None)
+                   or bad_send or bad_recv
+                   or (f"input has {in_rows} rows but output has {out_rows}; without split "
+                       "sizes they must be equal" if collective == "all_to_all"
+                       and in_rows != out_rows else None))
+        name, refused = self._choose(collective, inp.numel() * inp.element_size(), algorithm)
+        sig = Signature(collective, inp.dtype, in_rows if collective == "all_to_all" else -1,
+                        "", -1, row, _label(name, params), inp.device.type)
+        checked = self.agreement.check(sig, problem or refused)
+        full_matrix = name != NATIVE and get_algorithm(collective, name).needs_full_matrix
+        matrix: list[list[int]] | None = None
+        if collective == "all_to_all_v" and (checked or full_matrix):
+            rows, _ = self.agreement.check_splits(collective, send, recv)
+            matrix = [[c * row for c in r] for r in rows]
+        if checked:
+            self.agreement.remember(sig)
         send_el, recv_el = [s * row for s in send], [r * row for r in recv]
-        name = self._pick(collective, inp.numel() * inp.element_size(), algorithm)
         if name == NATIVE:
             self.transports.inter.native_all_to_all_v(out, inp, recv_el, send_el)
             return out
-        if get_algorithm(collective, name).needs_full_matrix:
-            matrix = self._gather_rows(send_el)
-        else:  # pairwise: our own row and column are enough
+        if matrix is None:  # pairwise: our own row and column are enough
             matrix = [[0] * p for _ in range(p)]
             matrix[self.rank] = list(send_el)
             for src in range(p):
@@ -194,48 +246,19 @@ class Communicator:
                   {"in": inp.reshape(-1), "out": out.view(-1)})
         return out
 
-    def _splits(self, collective: str, which: str, tensor: torch.Tensor,
-                splits: Sequence[int] | None, p: int) -> list[int]:
-        rows = tensor.shape[0] if tensor.dim() else tensor.numel()
-        if splits is None:
-            if rows % p:
-                raise self._error(collective, f"{which} has {rows} rows, not divisible by "
-                                              f"{p} ranks; pass split sizes")
-            return [rows // p] * p
-        values = list(splits)
-        if len(values) != p:
-            raise self._error(collective, f"{which} split sizes have {len(values)} entries "
-                                          f"for {p} ranks")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise self._error(collective, f"{which} split sizes must be non-negative "
-                                              f"integers, got {values}")
-        if sum(values) != rows:
-            raise self._error(collective, f"{which} split sizes sum to {sum(values)} but the "
-                                          f"tensor has {rows} rows")
-        return values
-
-    def _gather_rows(self, send_counts: list[int]) -> list[list[int]]:
-        """Every rank's send counts (the count matrix), through our own all-gather."""
-        p = self.world_size
-        mine = torch.tensor(send_counts, dtype=torch.int64)
-        full = torch.empty(p * p, dtype=torch.int64)
-        spec = CollectiveSpec.all_gather(p, p)
-        self._run(self.schedule("direct", spec), {"in": mine, "out": full})
-        return full.view(p, p).tolist()
-
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: str = "sum",
                        algorithm: str | None = None, **params: object) -> torch.Tensor:
-        dtype = self._dtype("reduce_scatter", inp)
-        self._dtype("reduce_scatter", out)
-        if inp.numel() != out.numel() * self.world_size:
-            raise self._error("reduce_scatter", f"input has {inp.numel()} elements, expected "
-                                                f"{self.world_size} x {out.numel()}")
-        try:
-            check_op(op, dtype)
-        except UnsupportedOpError as exc:
-            raise self._error("reduce_scatter", str(exc)) from None
-        name = self._pick("reduce_scatter", inp.numel() * inp.element_size(), algorithm)
+        """Rank r's `out` gets block r of the reduction of every rank's `inp`."""
+        problem = (tensor_problem(inp, "input", self.devices)
+                   or tensor_problem(out, "output", self.devices) or pair_problem(inp, out)
+                   or (f"input has {inp.numel()} elements, expected {self.world_size} x "
+                       f"{out.numel()}" if inp.numel() != out.numel() * self.world_size
+                       else None)
+                   or op_problem(op, inp.dtype))
+        name, refused = self._choose("reduce_scatter", inp.numel() * inp.element_size(),
+                                     algorithm)
+        self._admit(Signature("reduce_scatter", inp.dtype, out.numel(), str(op), -1, 1,
+                              _label(name, params), inp.device.type), problem or refused)
         if name == NATIVE:
             self.transports.inter.native_reduce_scatter(out, inp, op)
             return out
@@ -246,12 +269,16 @@ class Communicator:
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, algorithm: str | None = None,
                    **params: object) -> torch.Tensor:
-        self._dtype("all_gather", inp)
-        self._dtype("all_gather", out)
-        if out.numel() != inp.numel() * self.world_size:
-            raise self._error("all_gather", f"output has {out.numel()} elements, expected "
-                                            f"{self.world_size} x {inp.numel()}")
-        name = self._pick("all_gather", out.numel() * out.element_size(), algorithm)
+        """Every rank's `out` gets every rank's `inp`, in rank order."""
+        problem = (tensor_problem(inp, "input", self.devices)
+                   or tensor_problem(out, "output", self.devices) or pair_problem(inp, out)
+                   or (f"output has {out.numel()} elements, expected {self.world_size} x "
+                       f"{inp.numel()}" if out.numel() != inp.numel() * self.world_size
+                       else None))
+        name, refused = self._choose("all_gather", out.numel() * out.element_size(),
+                                     algorithm)
+        self._admit(Signature("all_gather", inp.dtype, inp.numel(), "", -1, 1,
+                              _label(name, params), inp.device.type), problem or refused)
         if name == NATIVE:
             self.transports.inter.native_all_gather(out, inp)
             return out
@@ -261,9 +288,14 @@ class Communicator:
         return out
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
-        self._dtype("broadcast", tensor)
-        if not 0 <= root < self.world_size:
-            raise self._error("broadcast", f"root {root} outside 0..{self.world_size - 1}")
+        """In place from `root`'s `tensor` (the binomial tree)."""
+        problem = tensor_problem(tensor, "tensor", self.devices)
+        if problem is None and (isinstance(root, bool) or not isinstance(root, int)
+                                or not 0 <= root < self.world_size):
+            problem = f"root {root!r} is not a rank in 0..{self.world_size - 1}"
+        self._admit(Signature("broadcast", tensor.dtype, tensor.numel(), "",
+                              root if isinstance(root, int) else -2, 1, "tree",
+                              tensor.device.type), problem)
         spec = CollectiveSpec.broadcast(self.world_size, tensor.numel(), root)
         self._run(self.schedule("tree", spec), {"data": tensor.view(-1)})
         return tensor

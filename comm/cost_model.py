@@ -11,7 +11,9 @@ three refinements that matter on real clusters:
   the same shared resource share its bandwidth: a node's uplink per rail and direction,
   a node's memory system for intra-node copies, and each rank's own injection and
   ejection bandwidth. A message then takes `alpha + max(bytes * beta, load(resource) *
-  shared_beta for each resource it crosses)`: the busiest resource sets the pace;
+  shared_beta for each resource it shares with others)`: the busiest resource sets the
+  pace (a message alone on a resource runs at the one-flow rate, `beta`, or at the
+  measured `duplex_beta` when its pair sends the other way in the same phase);
 - **CPU costs**: a per-step overhead of the executor/transport and the local reduce and
   copy steps (gamma per byte), measured by the profiler.
 
@@ -189,24 +191,31 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
     flight together (the executor posts a phase's communication at once).
     """
     load: dict[tuple[int, tuple[str, ...]], float] = defaultdict(float)
-    inject: dict[tuple[int, int, str], float] = defaultdict(float)
+    # A rank's own injection/ejection, per link class: its NIC and its memory copies are
+    # different engines (a rank sending inter-node while copying intra-node does both).
+    inject: dict[tuple[int, int, str, str], float] = defaultdict(float)
     for m in messages:
         if m.level.kind == "self":
             continue
         for res in _resources(m, topology):
             load[m.src_phase, res] += m.nbytes
-        inject[m.src_phase, m.src, "out"] += m.nbytes
-        inject[m.src_phase, m.dst, "in"] += m.nbytes
+        inject[m.src_phase, m.src, "out", m.level.kind] += m.nbytes
+        inject[m.src_phase, m.dst, "in", m.level.kind] += m.nbytes
+    both_ways = {(m.src_phase, m.src, m.dst) for m in messages}
     out: list[tuple[float, float]] = []
     for m in messages:
         link = profile.link(m.level)
         if m.level.kind == "self":
             out.append((0.0, m.nbytes * profile.copy_us_per_byte))
             continue
-        per_scale = max(inject[m.src_phase, m.src, "out"], inject[m.src_phase, m.dst, "in"]
-                        ) * link.beta_us_per_byte
+        duplex = (m.src_phase, m.dst, m.src) in both_ways  # the pair swaps data at once
+        beta = link.duplex_beta if duplex else link.beta_us_per_byte
+        per_scale = max(inject[m.src_phase, m.src, "out", m.level.kind],
+                        inject[m.src_phase, m.dst, "in", m.level.kind]) * beta
         for res in _resources(m, topology):
-            per_scale = max(per_scale, load[m.src_phase, res] * link.shared_beta_us_per_byte)
+            shared = load[m.src_phase, res]
+            if shared > m.nbytes:  # not alone on it: the resource's aggregate rate rules
+                per_scale = max(per_scale, shared * link.shared_beta_us_per_byte)
         out.append((link.alpha_us, per_scale))
     return out
 

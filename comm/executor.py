@@ -190,8 +190,8 @@ class Executor:
                     try:
                         handle = self._start(op, views)
                     except TransportError as exc:
-                        raise TransportError(f"rank {self.rank}: {what} phase {op.phase}: "
-                                             f"{exc}") from exc
+                        raise _in_context(exc, f"rank {self.rank}: {what} phase {op.phase}"
+                                          ) from exc
                     posted[i] = True
                     progressed = True
                     if handle is None:
@@ -203,8 +203,8 @@ class Executor:
                 try:
                     complete = handle.test()
                 except TransportError as exc:
-                    raise TransportError(f"rank {self.rank}: {what} phase {op.phase}: "
-                                         f"{exc}") from exc
+                    raise _in_context(exc, f"rank {self.rank}: {what} phase {op.phase}"
+                                      ) from exc
                 if complete:
                     finish(op.index)
                     progressed = True
@@ -271,11 +271,15 @@ class Executor:
                     try:
                         handle = self._start(op, views)
                     except TransportError as exc:
-                        raise TransportError(f"rank {self.rank}: {what} phase {phase}: "
-                                             f"{exc}") from exc
+                        raise _in_context(exc, f"rank {self.rank}: {what} phase {phase}"
+                                          ) from exc
                     posted.append((handle, op.step))
                 elif op.kind == NATIVE:
-                    self._start(op, views)
+                    try:
+                        self._start(op, views)
+                    except TransportError as exc:
+                        raise _in_context(exc, f"rank {self.rank}: {what} phase {phase}"
+                                          ) from exc
             self._wait_all(posted, phase, what)
             for op in ops[start:end]:
                 if op.kind == LOCAL:
@@ -295,7 +299,7 @@ class Executor:
                     if not handle.test():
                         still.append((handle, step))
             except TransportError as exc:
-                raise TransportError(f"rank {self.rank}: {what} phase {index}: {exc}") from exc
+                raise _in_context(exc, f"rank {self.rank}: {what} phase {index}") from exc
             if len(still) < len(remaining):
                 backoff.reset()
             remaining = still
@@ -306,8 +310,8 @@ class Executor:
                     except CollectiveTimeoutError as exc:
                         raise self._timeout(index, what, handle, step, len(remaining)) from exc
                     except TransportError as exc:
-                        raise TransportError(f"rank {self.rank}: {what} phase {index}: "
-                                             f"{exc}") from exc
+                        raise _in_context(exc, f"rank {self.rank}: {what} phase {index}"
+                                          ) from exc
                 return
             if time.monotonic() > deadline:
                 handle, step = next((h, s) for h, s in remaining if not h.blocking)
@@ -345,6 +349,13 @@ class Executor:
         transport.native(NativeCall(step.collective, step.group, self._view(views, step.src),
                                     self._view(views, step.dst), step.counts, step.op,
                                     step.root))
+
+
+def _in_context(exc: TransportError, where: str) -> TransportError:
+    """`exc` with where it happened (rank, collective, algorithm, phase) in front; a
+    timeout stays a CollectiveTimeoutError, so callers can still tell the two apart."""
+    kind = CollectiveTimeoutError if isinstance(exc, CollectiveTimeoutError) else TransportError
+    return kind(f"{where}: {exc}")
 
 
 __all__ = ["ExecStats", "Executor", "LevelTransports"]

@@ -9,6 +9,7 @@ A Gloo process group is created only when the Gloo transport is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,7 +17,9 @@ from typing import Any
 
 from .bootstrap import Bootstrap, MPIBootstrap, StoreBootstrap
 from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
+from .store import server_store
 from .transports.base import Transport
+from .tuning import load_for_job
 
 TRANSPORTS = ("gloo", "mpi", "ucx", "shm", "nccl")
 INTRA_CHOICES = ("shm", "same")
@@ -63,6 +66,24 @@ class Job:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
+    def abort(self) -> None:
+        """Release what this rank holds without talking to any peer (after a failure).
+
+        `close()` starts with a barrier, which a dead or stalled peer would time out; this
+        only does local work (unmap and unlink shared memory, force UCX endpoints shut,
+        free MPI communicators, drop the Gloo group), so the process can exit at once.
+        Best effort: a transport that fails to close does not stop the others.
+        """
+        for transport in self.communicator.transports.all():
+            with contextlib.suppress(Exception):
+                transport.close()
+        if self.transport in ("gloo", "nccl"):
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
 
 def under_mpirun() -> bool:
     return any(name in os.environ for name in _MPI_ENV)
@@ -81,8 +102,10 @@ def _store_from_env(timeout: float) -> tuple[Any, int, int]:
     # torchrun's agent (and our local launcher) host the store; otherwise rank 0 does.
     agent_hosts = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
                    or os.environ.get("TOPOCOLL_AGENT_STORE", "") == "1")
-    store = dist.TCPStore(addr, port, world, rank == 0 and not agent_hosts,
-                          timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    if rank == 0 and not agent_hosts:  # listen on MASTER_ADDR only, not every interface
+        return server_store(addr, port, world, timeout, strict=False), rank, world
+    store = dist.TCPStore(addr, port, world, False, timeout=timedelta(seconds=timeout),
+                          wait_for_workers=False)
     return store, rank, world
 
 
@@ -92,8 +115,7 @@ def _store_over_mpi(bootstrap: Bootstrap, timeout: float) -> Any:
 
     addr = os.environ.get("TOPOCOLL_MASTER_ADDR", "127.0.0.1")
     if bootstrap.rank == 0:
-        store = dist.TCPStore(addr, 0, bootstrap.world_size, True,
-                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        store = server_store(addr, 0, bootstrap.world_size, timeout, strict=False)
         port = bootstrap.broadcast_json(store.port)
     else:
         port = bootstrap.broadcast_json(None)
@@ -125,6 +147,7 @@ def init_job(transport: str = "gloo", intra: str = "shm", timeout: float = DEFAU
     communicator = Communicator.create(bootstrap, inter,
                                        intra=inter if transport == "shm" else intra,
                                        timeout=timeout)
+    communicator.tuning = load_for_job(communicator.topology, transport)
     return Job(communicator, bootstrap, transport, intra,
                "mpirun" if use_mpi else ("torchrun" if launcher == "auto" else launcher),
                store)
@@ -144,7 +167,7 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
             dist.init_process_group(name, store=store, rank=bootstrap.rank,
                                     world_size=bootstrap.world_size,
                                     timeout=timedelta(seconds=timeout))
-        return TorchPGTransport(), store
+        return TorchPGTransport(timeout=timedelta(seconds=timeout)), store
     if name == "mpi":
         from .transports.mpi import MPITransport
 
@@ -152,11 +175,11 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
             raise JobSetupError("the MPI transport runs under mpirun: use "
                                 "`topocoll bench --launcher local --transport mpi` (it starts "
                                 "mpirun for you) or `mpirun -n N topocoll bench ...`")
-        return MPITransport(), store
+        return MPITransport(timeout=timeout), store
     if name == "ucx":
         from .transports.ucx import UCXTransport
 
-        return UCXTransport(bootstrap), store
+        return UCXTransport(bootstrap, timeout=timeout), store
     if name == "shm":
         from .transports.shm import SharedMemoryTransport, host_identity
 

@@ -90,14 +90,16 @@ def _basis(nodes: float) -> list[float]:
 
 
 def simulate(topology: Topology, profile: Profile, collective: str, sizes: Sequence[int],
-             algorithms: Sequence[str] | None = None) -> list[SimRow]:
+             algorithms: Sequence[str] | None = None, itemsize: int = ITEMSIZE
+             ) -> list[SimRow]:
     names = list(algorithms or algorithm_names(collective))
     p = topology.world_size
     exact = p <= EXACT_MAX_RANKS or not topology.is_uniform
     rows = []
     for algo in names:
         if exact:
-            times, method = price_sweep(collective, algo, topology, profile, sizes), "exact"
+            times = price_sweep(collective, algo, topology, profile, sizes, itemsize)
+            method = "exact"
         else:
             times, method = _extrapolate(collective, algo, topology, profile, sizes), \
                 "extrapolated"

@@ -34,6 +34,7 @@ from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
 from .executor import LevelTransports
 from .transports.shm import SharedMemoryTransport, host_identity
 from .transports.torch_pg import TorchPGTransport
+from .tuning import load_for_job
 
 BACKEND_NAME = "topocoll"
 log = logging.getLogger("topocoll")
@@ -113,9 +114,17 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
             return Topology(tuple(order[n] for n in nodes), override.rails)
         return Topology.from_hosts(self._hosts)
 
+    @staticmethod
+    def _kind(device: torch.device | str) -> str:
+        """`cuda`, else `cpu`: a tensor on any other device (meta, mps...) goes to the CPU
+        group, which refuses it on every rank. Creating a group for its device instead
+        would be a collective step only that rank takes, and the job would hang."""
+        kind = torch.device(device).type
+        return kind if kind == "cuda" else "cpu"
+
     def inner(self, device: torch.device | str) -> dist.ProcessGroup:
         """The native group for a device type, created on first use."""
-        kind = torch.device(device).type
+        kind = self._kind(device)
         group = self._inner.get(kind)
         if group is None:
             prefix = dist.PrefixStore(f"topocoll-{kind}", self._store)
@@ -127,7 +136,10 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
         return group
 
     def communicator(self, device: torch.device) -> Communicator:
-        kind = device.type
+        """Our communicator for a device type (see `_kind`), created on first use. Bad
+        input is refused by it on every rank as a `CollectiveError` (a ValueError), which
+        reaches the caller of `dist.*` as a Python exception."""
+        kind = self._kind(device)
         comm = self._comms.get(kind)
         if comm is None:
             inter = TorchPGTransport(self.inner(kind), store=dist.PrefixStore(
@@ -140,7 +152,7 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
                 intra = inter
             comm = Communicator(self._bootstrap, LevelTransports(intra=intra, inter=inter),
                                 self.topology, self._timeout.total_seconds(),
-                                tuning=None)
+                                tuning=load_for_job(self.topology, inter.name))
             self._comms[kind] = comm
             atexit.register(self.shutdown)  # unlink shared memory even without destroy
         return comm

@@ -162,7 +162,7 @@ def load_tuning(path: str | Path) -> TuningTable:
         raise TuningError(f"tuning table {where}: not text: {exc}") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # also: too deep, int over 4300 digits
         raise TuningError(f"tuning table {where}: not valid JSON: {exc}") from None
     return table_from_dict(data, where)
 
@@ -183,7 +183,7 @@ def table_from_dict(data: Any, where: str = "(in memory)") -> TuningTable:
         raise fail("topology", "is missing or not an object")
     try:
         topology = Topology.from_dict(dict(topo_data))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise fail("topology", f"is invalid: {exc}") from None
     if data.get("fingerprint") != topology.fingerprint:
         raise fail("fingerprint", f"{data.get('fingerprint')!r} does not match its topology "
@@ -215,7 +215,7 @@ def _collective_from_dict(name: str, entry: Any, fail: Any) -> CollectiveTable:
         raise fail(at, "must be an object")
     known = set(algorithm_names(name)) | {NATIVE}
     fallback = entry.get("fallback")
-    if fallback not in known:
+    if not isinstance(fallback, str) or fallback not in known:
         raise fail(f"{at}.fallback", f"{fallback!r} is not an algorithm for {name}")
     raw = entry.get("ranges")
     if not isinstance(raw, list) or not raw or len(raw) > MAX_RANGES:
@@ -235,7 +235,7 @@ def _collective_from_dict(name: str, entry: Any, fail: Any) -> CollectiveTable:
             raise fail(f"{where}.lo", f"must start where the previous range ends "
                                       f"({previous_hi}); ranges are contiguous and ascending")
         algorithm = item.get("algorithm")
-        if algorithm not in known:
+        if not isinstance(algorithm, str) or algorithm not in known:
             raise fail(f"{where}.algorithm", f"{algorithm!r} is not an algorithm for {name}")
         source = item.get("source", "")
         if not isinstance(source, str):
@@ -295,7 +295,13 @@ class ModelSelector:
         if key not in self._cache:
             from .tuner import rank_candidates
 
-            ranked = rank_candidates(collective, 1 << bucket, self.topology, self.profile)
+            try:
+                ranked = rank_candidates(collective, 1 << bucket, self.topology, self.profile)
+            except ValueError as exc:  # e.g. figures without this job's link classes
+                if not any(c == collective for c, _ in self._cache):
+                    log.warning("topocoll: cannot price %s with the table's link figures "
+                                "(%s); using the built-in defaults", collective, exc)
+                ranked = []
             self._cache[key] = ranked[0][0] if ranked else None
         return self._cache[key]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from topocoll.cli import EXIT_NOT_YET, build_parser, main
+from topocoll.cli import build_parser, main
 
 SUBCOMMANDS = ["bench", "pingpong", "cluster", "profile", "tune", "simulate", "report", "topo",
                "algorithms", "schedule"]
@@ -74,11 +74,19 @@ def test_bad_values_give_one_line_errors(argv, needle, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["profile"], ["tune"], ["simulate"], ["report", "x.json",
-                                                                      "--out", "r"]])
-def test_later_subcommands_say_when_they_arrive(argv, capsys):
-    assert main(argv) == EXIT_NOT_YET
-    assert "arrives with issue" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,needle", [
+    (["tune"], "--out"),
+    (["tune", "--show", "missing.json"], "missing.json"),
+    (["tune", "--preset", "no-such", "--out", "t.json"], "unknown preset"),
+    (["simulate", "--preset", "no-such"], "unknown preset"),
+    (["simulate", "--profile", "missing.json"], "missing.json"),
+    (["report", "missing.jsonl", "--out", "r"], "missing.jsonl"),
+])
+def test_tuning_commands_refuse_bad_input_in_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_topo_json(capsys):

@@ -1,8 +1,7 @@
 """The `topocoll` command: bench, cluster, profile, tune, simulate, report, topo, ...
 
 Option names, algorithm names and JSON fields are the contract in the design notes;
-scripts depend on them, so they stay stable. Subcommands whose issue has not landed yet
-say so and exit with status 3.
+scripts depend on them, so they stay stable.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from collections.abc import Sequence
 from topocoll import __version__
 
 EXIT_USAGE = 2
-EXIT_NOT_YET = 3
 
 COLLECTIVE_CHOICES = ("all_reduce", "all_to_all", "all_to_all_v", "reduce_scatter",
                       "all_gather")
@@ -76,6 +74,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_non_negative_int, default=1)
     p.add_argument("--check", action="store_true", help="verify every result (#wrong)")
     p.add_argument("--json", metavar="FILE", default=None, help="write JSON lines here")
+    p.add_argument("--profile", metavar="FILE", default=None,
+                   help="profile JSON: every row gets the cost model's predicted_us (a "
+                        "tuning file in $TOPOCOLL_TUNING_FILE brings its own figures)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a stuck collective fails (and the job is killed)")
     p.set_defaults(func=cmd_bench)
@@ -85,6 +86,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from topocoll.benchmarks.command import run_bench_command
 
     return run_bench_command(args)
+
+
+# ----- profile, tune, simulate (issue #7) --------------------------------------------------
+def add_tuning_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure alpha/beta per link class",
+                       description="Ping-pong, concurrent and fan-out probes per link class "
+                                   "(intra-node, inter-node per rail) plus reduce/copy cost; "
+                                   "writes a profile JSON for the cost model and the tuner.")
+    p.add_argument("--launcher", choices=("local", "mpirun", "torchrun"), default="local")
+    p.add_argument("-n", "--nranks", type=_positive_int, default=None)
+    p.add_argument("--layout", default=None, help="ranks per node for a local run, e.g. 2x2")
+    p.add_argument("--transport", choices=TRANSPORT_CHOICES, default="gloo")
+    p.add_argument("--intra", choices=("shm", "same"), default="shm")
+    p.add_argument("--sizes", default="1K:4M")
+    p.add_argument("--iters", type=_positive_int, default=5)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--out", default="profile.json")
+    p.set_defaults(func=cmd_profile)
+    p = sub.add_parser("tune", help="build the decision table",
+                       description="Rank every algorithm by the cost model per collective "
+                                   "and size bucket (1 B..1 GiB), refine with measured "
+                                   "benchmark JSON, write the decision table JSON.")
+    p.add_argument("--out", default=None, help="write the table here")
+    p.add_argument("--show", default=None, metavar="FILE", help="print a table and exit")
+    p.add_argument("--profile", default=None, help="profile JSON (from topocoll profile)")
+    p.add_argument("--preset", default=None, help="nominal figures of a preset instead")
+    p.add_argument("--layout", default=None,
+                   help="topology to tune for (default: the profile's)")
+    p.add_argument("--transport", default=None, help="default: the profile's")
+    p.add_argument("--collective", default="all",
+                   help="comma-separated collectives or 'all'")
+    p.add_argument("--results", nargs="*", default=[], metavar="JSONL",
+                   help="benchmark JSON lines whose measurements refine the model")
+    p.add_argument("--measure", default=None, metavar="SIZES",
+                   help="run `topocoll bench` over the model's top candidates at these "
+                        "sizes (same launcher options as bench) and refine with it")
+    p.add_argument("--top", type=_positive_int, default=3,
+                   help="candidates per size to measure (default 3)")
+    p.add_argument("--launcher", choices=("local", "mpirun", "torchrun"), default="local")
+    p.add_argument("--model-only", action="store_true",
+                   help="do not measure; ignore --measure")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("simulate", help="price algorithms at scales we cannot run",
+                       description="Predicted time and busbw of every algorithm from a "
+                                   "preset's nominal figures or a measured profile.")
+    p.add_argument("--preset", default=None, help="e.g. 8x-nvlink-400g (default)")
+    p.add_argument("--profile", default=None, help="a measured profile JSON instead")
+    p.add_argument("--nodes", type=_positive_int, default=None)
+    p.add_argument("--layout", default=None, help="explicit layout, e.g. 3,5")
+    p.add_argument("--collective", default="all_reduce,all_to_all")
+    p.add_argument("--sizes", default="1K:1G")
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--markdown", default=None, metavar="FILE")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSONL",
+                   help="instead of a table: simulated vs measured for every forced row of "
+                        "this topology in these benchmark results")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from topocoll.benchmarks.profiler import run_profile_command
+
+    return run_profile_command(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from topocoll.benchmarks.tune_command import run_tune_command
+
+    return run_tune_command(args)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from topocoll.benchmarks.simulate_command import run_simulate_command
+
+    return run_simulate_command(args)
 
 
 # ----- pingpong -------------------------------------------------------------------------
@@ -240,15 +316,6 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 # ----- not yet landed ------------------------------------------------------------------
-def _not_yet(name: str, issue: int, text: str) -> argparse.ArgumentParser:
-    def run(args: argparse.Namespace) -> int:
-        print(f"topocoll {name}: arrives with issue #{issue} ({text}); not available in "
-              f"{__version__}", file=sys.stderr)
-        return EXIT_NOT_YET
-
-    return run  # type: ignore[return-value]
-
-
 def add_cluster(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="emulated multi-node cluster (network namespaces)",
                        description="Bring an emulated cluster up or down, or run a job on it.")
@@ -301,29 +368,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
 
 
-def add_later(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure alpha/beta per link class",
-                       description="Ping-pong and concurrent sweeps per link class.")
-    p.add_argument("--out", default="profile.json")
-    p.set_defaults(func=_not_yet("profile", 7, "interconnect profiler"))
-    p = sub.add_parser("tune", help="build the decision table",
-                       description="Rank algorithms by the cost model, measure the best, and "
-                                   "write the decision table JSON.")
-    p.add_argument("--out", default=None)
-    p.add_argument("--show", default=None, metavar="FILE")
-    p.add_argument("--model-only", action="store_true")
-    p.set_defaults(func=_not_yet("tune", 7, "tuner"))
-    p = sub.add_parser("simulate", help="price algorithms at scales we cannot run",
-                       description="Predicted time and busbw of every algorithm.")
-    p.add_argument("--preset", default="8x-nvlink-400g")
-    p.add_argument("--nodes", type=_positive_int, default=128)
-    p.set_defaults(func=_not_yet("simulate", 7, "simulator"))
+def add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="HTML/PNG report from benchmark JSON",
                        description="Turn benchmark JSON, a profile and a tuning table into "
                                    "an HTML page and figures.")
     p.add_argument("results", nargs="+")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_not_yet("report", 8, "tuning report generator"))
+    from topocoll.reports.generate import cmd_report  # stdlib-only import; matplotlib later
+
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Topology-aware collectives: algorithms, benchmarks, tuner, reports.")
     parser.add_argument("--version", action="version", version=f"topocoll {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_bench, add_cluster, add_later, add_topo, add_algorithms, add_schedule,
-                add_pingpong):
+    for add in (add_bench, add_cluster, add_tuning_commands, add_report, add_topo,
+                add_algorithms, add_schedule, add_pingpong):
         add(sub)
     return parser
 

@@ -43,11 +43,18 @@ class LinkProfile:
     shared_beta_us_per_byte: float
     r2: float | None = None
     flows: int = 1
+    # One pair sending both ways at once over one connection (measured: on a shaped TCP
+    # link the ACKs of each direction queue behind the other's data). None = beta.
+    duplex_beta_us_per_byte: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha_us": self.alpha_us, "beta_us_per_byte": self.beta_us_per_byte,
                 "shared_beta_us_per_byte": self.shared_beta_us_per_byte, "r2": self.r2,
-                "flows": self.flows}
+                "flows": self.flows, "duplex_beta_us_per_byte": self.duplex_beta_us_per_byte}
+
+    @property
+    def duplex_beta(self) -> float:
+        return self.duplex_beta_us_per_byte or self.beta_us_per_byte
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -140,29 +147,41 @@ class Fit:
 
 
 def fit_alpha_beta(points: Sequence[tuple[float, float]]) -> Fit:
-    """Least-squares time = alpha + beta * bytes, weighted toward relative error.
+    """time = alpha + beta * bytes, fitted the way the two terms show themselves.
 
-    Times span five decades over a size sweep, so an unweighted fit would ignore every
-    small message; weighting each point by 1/time fits relative error instead. alpha and
-    beta are clamped at zero (a negative latency is a fitting artefact, not a link).
+    A plain least-squares line is ruled by whichever end of a five-decade sweep is noisier
+    (on a loaded 2-core machine the small sizes jitter by milliseconds). So, as LogP-style
+    fits do: beta is the slope over the larger half of the sizes (where bandwidth rules
+    and a shaper's burst no longer flatters), as a Theil-Sen median, and alpha is the median
+    excess of the smaller half over that slope. Both stay positive: a negative latency or
+    a free link is a fitting artefact. `r2` is the fit quality over every point, on
+    log(time), so each decade counts alike.
     """
-    pts = [(float(b), float(t)) for b, t in points if t > 0]
+    pts = sorted((float(b), float(t)) for b, t in points if t > 0)
     if len(pts) < 2:
         raise ProfileError(f"need at least two timed sizes to fit alpha/beta, got {len(pts)}")
-    w = [1.0 / t for _, t in pts]
-    sw = sum(wi * wi for wi in w)
-    sx = sum(wi * wi * b for wi, (b, _) in zip(w, pts))
-    sy = sum(wi * wi * t for wi, (_, t) in zip(w, pts))
-    sxx = sum(wi * wi * b * b for wi, (b, _) in zip(w, pts))
-    sxy = sum(wi * wi * b * t for wi, (b, t) in zip(w, pts))
-    det = sw * sxx - sx * sx
-    if det <= 0:
+    if len({b for b, _ in pts}) < 2:
         raise ProfileError("alpha/beta fit needs at least two distinct sizes")
-    beta = max((sw * sxy - sx * sy) / det, 0.0)
-    alpha = max((sy - beta * sx) / sw, 0.0)
-    mean = sy / sw
-    ss_tot = sum(wi * wi * (t - mean) ** 2 for wi, (_, t) in zip(w, pts))
-    ss_res = sum(wi * wi * (t - alpha - beta * b) ** 2 for wi, (b, t) in zip(w, pts))
+    half = len(pts) // 2
+    large = pts[half:] if len(pts) - half >= 2 else pts
+    # Theil-Sen: the median of the slopes between every two large sizes, so one noisy
+    # point (a stall of the machine, a shaper's burst) cannot tilt the line.
+    slopes = sorted((t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(large)
+                    for b2, t2 in large[i + 1:] if b2 > b1)
+    beta = slopes[len(slopes) // 2] if slopes else 0.0
+    if beta <= 0:
+        # Noise swamped the slope (sizes that are all latency-bound): the largest size's
+        # excess over the fastest time, never a free link.
+        biggest = pts[-1]
+        fastest = min(t for _, t in pts)
+        beta = ((biggest[1] - fastest) if biggest[1] > fastest else biggest[1]) / biggest[0]
+    small = pts[:max(half, 1)]
+    excess = sorted(t - beta * b for b, t in small)
+    alpha = max(excess[len(excess) // 2], 0.0)
+    logs = [math.log(t) for _, t in pts]
+    mean_log = sum(logs) / len(logs)
+    ss_res = sum((math.log(alpha + beta * b) - v) ** 2 for (b, _), v in zip(pts, logs))
+    ss_tot = sum((v - mean_log) ** 2 for v in logs)
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     return Fit(alpha, beta, r2)
 
@@ -175,9 +194,11 @@ def load_profile(path: str | Path) -> Profile:
         text = Path(path).read_text()
     except OSError as exc:
         raise ProfileError(f"profile {where}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"profile {where}: not text: {exc}") from None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also: too deep, int over 4300 digits
         raise ProfileError(f"profile {where}: not valid JSON: {exc}") from None
     return profile_from_dict(data, where)
 
@@ -207,6 +228,10 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
         r2 = entry.get("r2")
         if r2 is not None and not _finite(r2):
             raise ProfileError(f"profile {where}: field '{at}.r2' must be a number or null")
+        duplex = entry.get("duplex_beta_us_per_byte")
+        if duplex is not None and not (_finite(duplex) and duplex > 0):
+            raise ProfileError(f"profile {where}: field '{at}.duplex_beta_us_per_byte' must be "
+                               f"a finite number > 0 or null, got {duplex!r}")
         flows = entry.get("flows", 1)
         if not isinstance(flows, int) or isinstance(flows, bool) or flows < 1:
             raise ProfileError(f"profile {where}: field '{at}.flows' must be a positive int")
@@ -217,13 +242,14 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
                                             default=beta),
             r2=float(r2) if r2 is not None else None,
             flows=flows,
+            duplex_beta_us_per_byte=float(duplex) if duplex is not None else None,
         )
     compute = _field(data, "compute", Mapping, where)
     topology = None
     if data.get("topology") is not None:
         try:
             topology = Topology.from_dict(_field(data, "topology", Mapping, where))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             raise ProfileError(f"profile {where}: field 'topology': {exc}") from None
     samples = data.get("samples", [])
     if not isinstance(samples, list) or not all(isinstance(s, Mapping) for s in samples):

@@ -26,12 +26,28 @@ byte counts of one message, or of one rank's part of a collective, must fit a C 
 (< 2 GiB) because Open MPI 5.0 has no MPI-4 large-count calls. Each limit raises a
 `TransportError` that says so.
 
+Timeouts and failed peers: MPI has no timeout on a blocking call, and nothing can
+interrupt one (measured with Open MPI 5.0.11: `MPI_Comm_revoke` from a watchdog thread
+did not free ranks blocked in `MPI_Allreduce` until the stalled peer joined; `Cancel`
+does not apply to collectives). So every wait here is `Test` polled until the transport's
+`timeout` (point-to-point and native collectives alike: natives are posted as MPI's
+nonblocking collectives, `Iallreduce`, `Ialltoallv`...), then a `CollectiveTimeoutError`.
+Whether a survivor gets that chance depends on the launcher: by default Open MPI's
+runtime kills the whole job when one rank dies; under `mpirun --with-ft ulfm`
+(`run_mpirun(..., fault_tolerant=True)`) the job survives, requests to the dead rank
+fail with MPI_ERR_PROC_FAILED within about a second, and on the first failure or timeout
+this transport revokes its communicators (ULFM's `MPI_Comm_revoke`), so every other
+rank's pending operations fail with MPI_ERR_REVOKED at once instead of waiting out their
+own timeouts. Buffers of requests abandoned that way stay referenced until `close()`, so
+a late message can never land in freed memory.
+
 mpi4py is imported lazily: importing this module never needs it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 import zlib
@@ -41,10 +57,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Handle, NativeCall, Transport, TransportError, as_bytes
+from .base import (
+    CollectiveTimeoutError,
+    Handle,
+    NativeCall,
+    Transport,
+    TransportError,
+    as_bytes,
+)
 
 MISSING_EXTRA = "MPI transport needs the 'mpi' extra: pip install 'topocoll[mpi]'"
 INT_MAX = 2**31 - 1
+FT_ENV = "OMPI_MCA_mpi_ft_enable"  # exported to the ranks by `mpirun --with-ft ulfm`
 
 # torch dtype -> MPI datatype name (resolved on the MPI module when used).
 _MPI_TYPES = {
@@ -94,15 +118,19 @@ class _RequestHandle(Handle):
     """One MPI request; keeps the buffer (and tensor) alive until it completes.
 
     Blocking: MPI moves data only inside MPI calls, so once the executor has nothing
-    else to poll it waits here inside MPI (which progresses every request of the job and,
-    with `mpi_yield_when_idle`, yields the core) instead of sleeping between `Test`s.
+    else to poll it waits here, calling `Test` back to back (each call runs MPI's progress
+    engine for every request of the job and, with `mpi_yield_when_idle`, yields the core,
+    as MPI's own `Wait` loop does) instead of sleeping between `Test`s; unlike `Wait`,
+    the loop ends at the deadline.
     """
 
     blocking = True
 
     def __init__(self, MPI: Any, req: Any, tensor: torch.Tensor, buf: np.ndarray, what: str,
-                 expect_bytes: int | None = None) -> None:
+                 expect_bytes: int | None = None,
+                 transport: MPITransport | None = None) -> None:
         self.MPI = MPI
+        self.transport = transport
         self.req = req
         self.keep: tuple[Any, ...] | None = (tensor, buf)
         self.what = what
@@ -121,12 +149,18 @@ class _RequestHandle(Handle):
             flag = self.req.Test(status)
         except self.MPI.Exception as exc:
             self.error = f"{self.what} failed: {_mpi_message(exc)}"
-            self.keep = None
+            self._abandon()
             raise TransportError(self.error) from exc
         if not flag:
             return False
         self._finish()
         return True
+
+    def _abandon(self) -> None:
+        """The request failed or timed out: park its buffer, tell the other ranks."""
+        if self.transport is not None:
+            self.transport.abandon(self.req, self.keep)
+        self.keep = None
 
     def _finish(self) -> None:
         """The request completed: release the buffer and check the received size."""
@@ -141,21 +175,12 @@ class _RequestHandle(Handle):
                 raise TransportError(self.error)
 
     def wait(self, timeout: float) -> None:
-        """Poll `Test` for a moment, then block in MPI's own `Wait`."""
-        deadline = time.monotonic() + min(timeout, 0.002)
-        while time.monotonic() < deadline:
-            if self.test():
-                return
-        if self.done or self.error is not None:
-            self.test()
-            return
-        try:
-            self.req.Wait(self.status)
-        except self.MPI.Exception as exc:
-            self.error = f"{self.what} failed: {_mpi_message(exc)}"
-            self.keep = None
-            raise TransportError(self.error) from exc
-        self._finish()
+        """`Test` back to back until complete; past `timeout` s, CollectiveTimeoutError."""
+        deadline = time.monotonic() + timeout
+        while not self.test():
+            if time.monotonic() > deadline:
+                self._abandon()
+                raise CollectiveTimeoutError(f"{self.what} timed out after {timeout:.1f} s")
 
     def describe(self) -> str:
         return self.what
@@ -166,7 +191,16 @@ class MPITransport(Transport):
 
     name = "mpi"
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
+        """`timeout` bounds every native collective and barrier (seconds; default
+        `TOPOCOLL_TIMEOUT`, else 300); the executor bounds point-to-point waits itself."""
+        self.timeout = float(timeout if timeout is not None
+                             else os.environ.get("TOPOCOLL_TIMEOUT", "300"))
+        # Set by `mpirun --with-ft ulfm`: the job survives a dead rank, so revoking our
+        # communicators on a failure is what tells the other ranks.
+        self.fault_tolerant = os.environ.get(FT_ENV, "") in ("1", "true")
+        self._abandoned: list[tuple[Any, Any]] = []
+        self._revoked = False
         MPI = load_mpi()
         self.MPI = MPI
         parent = comm if comm is not None else MPI.COMM_WORLD
@@ -188,7 +222,7 @@ class MPITransport(Transport):
         what = f"mpi rank {self.rank} send of {buf.nbytes} B to rank {peer} (tag {tag})"
         with self._errors(what):
             req = self.comm.Isend([buf, self.MPI.BYTE], peer, tag)
-        return _RequestHandle(self.MPI, req, tensor, buf, what)
+        return _RequestHandle(self.MPI, req, tensor, buf, what, transport=self)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         buf = self._bytes(tensor, f"recv from rank {peer}")
@@ -196,11 +230,60 @@ class MPITransport(Transport):
         what = f"mpi rank {self.rank} recv of {buf.nbytes} B from rank {peer} (tag {tag})"
         with self._errors(what):
             req = self.comm.Irecv([buf, self.MPI.BYTE], peer, tag)
-        return _RequestHandle(self.MPI, req, tensor, buf, what, expect_bytes=buf.nbytes)
+        return _RequestHandle(self.MPI, req, tensor, buf, what, expect_bytes=buf.nbytes,
+                              transport=self)
 
     def barrier(self) -> None:
-        with self._errors(f"mpi rank {self.rank} barrier"):
-            self.comm.Barrier()
+        what = f"mpi rank {self.rank} barrier"
+        with self._errors(what):
+            req = self.comm.Ibarrier()
+        self._complete(req, what)
+
+    # -- failures -------------------------------------------------------------------------
+
+    def _complete(self, req: Any, what: str, *keep: Any) -> None:
+        """`Test` a nonblocking collective until done; bounded by `self.timeout`.
+
+        `keep` (the buffers) is parked with the request if it fails or times out."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            while not req.Test():
+                if time.monotonic() > deadline:
+                    self.abandon(req, keep)
+                    raise CollectiveTimeoutError(f"{what} timed out after "
+                                                 f"{self.timeout:.1f} s")
+        except self.MPI.Exception as exc:
+            self.abandon(req, keep)
+            raise TransportError(f"{what} failed: {_mpi_message(exc)}") from exc
+
+    def abandon(self, req: Any, keep: Any) -> None:
+        """A request we stop waiting for: keep its buffers alive (MPI may still write
+        them) and, in a fault-tolerant job, revoke our communicators so that every other
+        rank's pending operations fail now rather than at their own timeouts."""
+        self._abandoned.append((req, keep))
+        self.revoke()
+
+    def _await_failure_notice(self, limit: float = 5.0) -> None:
+        """Wait (bounded) until MPI knows which rank failed before we go on to finalize."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                group = self.comm.Get_failed()
+                failed = group.Get_size()
+                group.Free()
+                if failed:
+                    return
+            time.sleep(0.01)
+
+    def revoke(self) -> None:
+        """ULFM's `MPI_Comm_revoke` on our communicators (once; fault-tolerant jobs only)."""
+        if self._revoked or not self.fault_tolerant or self._closed:
+            return
+        self._revoked = True
+        for comm in (self.comm, *self._subcomms.values()):
+            with contextlib.suppress(Exception):  # best effort: no ULFM, already revoked
+                if comm != self.MPI.COMM_NULL:
+                    comm.Revoke()
 
     # -- native collectives on sub-groups -------------------------------------------------
 
@@ -269,8 +352,11 @@ class MPITransport(Transport):
         scounts, sdispls = _byte_layout(in_splits, esize, "all_to_all_v")
         rcounts, rdispls = _byte_layout(out_splits, esize, "all_to_all_v")
         byte = self.MPI.BYTE
-        with self._errors(f"mpi rank {self.rank} all_to_all_v"):
-            self.comm.Alltoallv([send, scounts, sdispls, byte], [recv, rcounts, rdispls, byte])
+        what = f"mpi rank {self.rank} native all_to_all_v"
+        with self._errors(what):
+            req = self.comm.Ialltoallv([send, scounts, sdispls, byte],
+                                       [recv, rcounts, rdispls, byte])
+        self._complete(req, what, send, recv)
 
     def native_reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         self._reduce_scatter(self.comm, out, inp, None, op)
@@ -287,6 +373,13 @@ class MPITransport(Transport):
         self._closed = True
         if self.MPI.Is_finalized():
             return
+        if self.fault_tolerant and self._abandoned:
+            self._await_failure_notice()
+            for req, _ in self._abandoned:
+                with contextlib.suppress(Exception):
+                    req.Cancel()
+                with contextlib.suppress(Exception):
+                    req.Free()
         for sub in self._subcomms.values():
             if sub != self.MPI.COMM_NULL:
                 sub.Free()
@@ -345,8 +438,11 @@ class MPITransport(Transport):
     def _all_reduce(self, comm: Any, tensor: torch.Tensor, op: str) -> None:
         base = _base_op(op, tensor)
         work = tensor.to(torch.float32) if tensor.dtype in _STAGED else tensor
-        with self._errors(f"mpi rank {self.rank} all_reduce ({op}, {tensor.dtype})"):
-            comm.Allreduce(self.MPI.IN_PLACE, self._typed(work, "all_reduce"), self._op(base))
+        what = f"mpi rank {self.rank} native all_reduce ({op}, {tensor.dtype})"
+        buf = self._typed(work, "all_reduce")
+        with self._errors(what):
+            req = comm.Iallreduce(self.MPI.IN_PLACE, buf, self._op(base))
+        self._complete(req, what, buf)
         if op == "avg":
             work.div_(comm.Get_size())
         if work is not tensor:
@@ -365,11 +461,13 @@ class MPITransport(Transport):
         send = inp.to(torch.float32) if staged else inp
         recv = torch.empty(out.numel(), dtype=torch.float32) if staged else out
         sendbuf, recvbuf = self._typed(send, "reduce_scatter"), self._typed(recv, "reduce_scatter")
-        with self._errors(f"mpi rank {self.rank} reduce_scatter ({op}, {out.dtype})"):
+        what = f"mpi rank {self.rank} native reduce_scatter ({op}, {out.dtype})"
+        with self._errors(what):
             if len(set(counts)) == 1:
-                comm.Reduce_scatter_block(sendbuf, recvbuf, self._op(base))
+                req = comm.Ireduce_scatter_block(sendbuf, recvbuf, self._op(base))
             else:
-                comm.Reduce_scatter(sendbuf, recvbuf, counts, self._op(base))
+                req = comm.Ireduce_scatter(sendbuf, recvbuf, counts, self._op(base))
+        self._complete(req, what, sendbuf, recvbuf)
         if op == "avg":
             recv.div_(size)
         if recv is not out:
@@ -382,25 +480,29 @@ class MPITransport(Transport):
         send = self._bytes(inp, "all_gather input")
         recv = self._bytes(out, "all_gather output")
         byte = self.MPI.BYTE
-        what = f"mpi rank {self.rank} all_gather"
+        what = f"mpi rank {self.rank} native all_gather"
         if counts is None or len(set(counts)) == 1:
             if out.numel() != size * inp.numel():
                 raise TransportError(f"mpi all_gather: output holds {out.numel()} elements, "
                                      f"{size} x {inp.numel()} needed")
             with self._errors(what):
-                comm.Allgather([send, byte], [recv, byte])
+                req = comm.Iallgather([send, byte], [recv, byte])
+            self._complete(req, what, send, recv)
             return
         if len(counts) != size or counts[me] != inp.numel() or sum(counts) != out.numel():
             raise TransportError(f"mpi all_gather: counts {counts} do not fit input "
                                  f"{inp.numel()} / output {out.numel()} on {size} ranks")
         rcounts, rdispls = _byte_layout(counts, out.element_size(), "all_gather")
         with self._errors(what):
-            comm.Allgatherv([send, byte], [recv, rcounts, rdispls, byte])
+            req = comm.Iallgatherv([send, byte], [recv, rcounts, rdispls, byte])
+        self._complete(req, what, send, recv)
 
     def _broadcast(self, comm: Any, tensor: torch.Tensor, root: int) -> None:
         buf = self._bytes(tensor, "broadcast")
-        with self._errors(f"mpi rank {self.rank} broadcast from member {root}"):
-            comm.Bcast([buf, self.MPI.BYTE], root=root)
+        what = f"mpi rank {self.rank} native broadcast from member {root}"
+        with self._errors(what):
+            req = comm.Ibcast([buf, self.MPI.BYTE], root=root)
+        self._complete(req, what, buf)
 
 
 def _base_op(op: str, tensor: torch.Tensor) -> str:

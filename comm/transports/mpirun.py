@@ -73,14 +73,23 @@ def mpirun_command(n: int, argv: Sequence[str], *, extra: Sequence[str] = (),
                    mca: Mapping[str, str] | None = None,
                    prtemca: Mapping[str, str] | None = None,
                    interface: str = "lo", python: str | None = None,
-                   mpirun: str | None = None) -> list[str]:
-    """The mpirun argv that runs `python *argv` on `n` ranks (see the module docstring)."""
+                   mpirun: str | None = None, fault_tolerant: bool = False) -> list[str]:
+    """The mpirun argv that runs `python *argv` on `n` ranks (see the module docstring).
+
+    `fault_tolerant` adds `--with-ft ulfm`: by default Open MPI's runtime kills every
+    rank as soon as one dies, so survivors never get to report the failure; with ULFM
+    the job lives on, operations with the dead rank fail (MPI_ERR_PROC_FAILED) and the
+    MPI transport revokes its communicators so the other ranks fail too. Off by default:
+    it measured about 3x the latency of a small all-reduce here (12 -> 42 us, 4 ranks).
+    """
     if n < 1:
         raise ValueError(f"mpirun needs at least one rank, not {n}")
     cmd = [mpirun or find_mpirun()]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd.append("--oversubscribe")
+    if fault_tolerant:
+        cmd += ["--with-ft", "ulfm"]
     params: dict[str, object] = {"mpi_yield_when_idle": 1}
     runtime: dict[str, object] = {}
     if interface in LOCAL_INTERFACES:
@@ -129,7 +138,8 @@ def run_mpirun(n: int, argv: Sequence[str], timeout: float, *, extra: Sequence[s
                prtemca: Mapping[str, str] | None = None, interface: str = "lo",
                isolate: bool | None = None, env: Mapping[str, str] | None = None,
                cwd: str | os.PathLike[str] | None = None,
-               grace: float = 5.0) -> subprocess.CompletedProcess[str]:
+               grace: float = 5.0, fault_tolerant: bool = False,
+               ) -> subprocess.CompletedProcess[str]:
     """Run `python *argv` on `n` ranks; never outlives `timeout` (+ `grace`) seconds.
 
     Returns the completed process with its stdout and stderr text. On timeout every
@@ -139,7 +149,8 @@ def run_mpirun(n: int, argv: Sequence[str], timeout: float, *, extra: Sequence[s
     `isolate=None` runs a local job in a loopback-only network namespace when that is
     possible here (see the module docstring); True requires it, False never does it.
     """
-    cmd = mpirun_command(n, argv, extra=extra, mca=mca, prtemca=prtemca, interface=interface)
+    cmd = mpirun_command(n, argv, extra=extra, mca=mca, prtemca=prtemca, interface=interface,
+                         fault_tolerant=fault_tolerant)
     local = interface in LOCAL_INTERFACES
     if isolate is None:
         isolate = local and netns_usable()

@@ -13,7 +13,8 @@ from the store when one is given (a Gloo group over a prefixed store), else with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -36,13 +37,17 @@ _WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="topocoll-wait"
 
 class _WorkHandle(Handle):
     """Gloo's send/recv work reports completion only from `wait()`, so a helper thread
-    waits (the GIL is released meanwhile) and `test()` polls that thread's future."""
+    waits (the GIL is released meanwhile) and `test()` polls that thread's future.
 
-    def __init__(self, work: dist.Work, what: str) -> None:
+    The thread waits with the transport's timeout: Gloo's point-to-point `wait()` has
+    none of its own, and a thread blocked forever on a stalled peer would keep the
+    process from exiting (the pool's threads are joined at interpreter exit)."""
+
+    def __init__(self, work: dist.Work, what: str, timeout: timedelta) -> None:
         self.work = work
         self.what = what
         self.done = False
-        self.future = _WAITERS.submit(work.wait)
+        self.future = _WAITERS.submit(work.wait, timeout)
 
     def test(self) -> bool:
         if self.done:
@@ -52,15 +57,20 @@ class _WorkHandle(Handle):
         try:
             self.future.result()
         except RuntimeError as exc:
-            if "imed out" in str(exc) or "imeout" in str(exc):
-                raise CollectiveTimeoutError(f"{self.what} timed out: {exc}") from exc
-            raise TransportError(f"{self.what} failed: {exc}") from exc
+            raise _transport_error(self.what, exc) from exc
         self.done = True
         return True
 
-
     def describe(self) -> str:
         return self.what
+
+
+def _transport_error(what: str, exc: BaseException) -> TransportError:
+    """torch's error (DistBackendError, a RuntimeError) as ours, naming what failed."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "imed out" in text or "imeout" in text:
+        return CollectiveTimeoutError(f"{what} timed out: {text}")
+    return TransportError(f"{what} failed: {text}")
 
 
 def _wait(work: dist.Work | None) -> None:
@@ -95,15 +105,31 @@ class TorchPGTransport(Transport):
         return dist.get_backend(self.group)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
-        work = self.group.send([tensor], peer, tag)
-        return _WorkHandle(work, f"{self.name} send to rank {peer}")
+        what = f"{self.name} send to rank {peer}"
+        with self._failures(what):  # posting fails too once a peer's connection is gone
+            work = self.group.send([tensor], peer, tag)
+        return _WorkHandle(work, what, self.timeout)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
-        work = self.group.recv([tensor], peer, tag)
-        return _WorkHandle(work, f"{self.name} recv from rank {peer}")
+        what = f"{self.name} recv from rank {peer}"
+        with self._failures(what):
+            work = self.group.recv([tensor], peer, tag)
+        return _WorkHandle(work, what, self.timeout)
+
+    @contextlib.contextmanager
+    def _failures(self, what: str) -> Iterator[None]:
+        """torch's errors in the block become ours (TransportError/CollectiveTimeoutError)
+        naming the rank and `what`, so callers catch one family of errors."""
+        try:
+            yield
+        except TransportError:
+            raise
+        except RuntimeError as exc:
+            raise _transport_error(f"rank {self.rank}: {what}", exc) from exc
 
     def barrier(self) -> None:
-        _wait(self.group.barrier())
+        with self._failures(f"{self.name} barrier"):
+            _wait(self.group.barrier())
 
     def subgroup(self, ranks: tuple[int, ...]) -> Any:
         """The native group of `ranks` (ranks of our group), made by its members only."""
@@ -122,6 +148,11 @@ class TorchPGTransport(Transport):
         return group
 
     def native(self, call: NativeCall) -> None:
+        with self._failures(f"{self.name} native {call.collective} on ranks "
+                            f"{list(call.group)}"):
+            self._native(call)
+
+    def _native(self, call: NativeCall) -> None:
         group = self.subgroup(call.group)
         if call.collective == "all_reduce":
             _wait(group.allreduce([call.dst], _allreduce_opts(call.op)))
@@ -148,24 +179,29 @@ class TorchPGTransport(Transport):
         out.copy_(full[start:start + counts[me]])
 
     def native_all_reduce(self, tensor: torch.Tensor, op: str) -> None:
-        _wait(self.group.allreduce([tensor], _allreduce_opts("sum" if op == "avg" else op)))
+        with self._failures(f"all_reduce (native) over {self.name}"):
+            _wait(self.group.allreduce([tensor],
+                                       _allreduce_opts("sum" if op == "avg" else op)))
         if op == "avg":
             tensor.div_(self.world_size)
 
     def native_all_to_all_v(self, out: torch.Tensor, inp: torch.Tensor,
                             out_splits: Sequence[int], in_splits: Sequence[int]) -> None:
-        _wait(self.group.alltoall_base(out, inp, list(out_splits), list(in_splits),
-                                       dist.AllToAllOptions()))
+        with self._failures(f"all_to_all_v (native) over {self.name}"):
+            _wait(self.group.alltoall_base(out, inp, list(out_splits), list(in_splits),
+                                           dist.AllToAllOptions()))
 
     def native_reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         counts = [out.numel()] * self.world_size
-        self._reduce_scatter(self.group, out, inp, counts, "sum" if op == "avg" else op,
-                             self.rank)
+        with self._failures(f"reduce_scatter (native) over {self.name}"):
+            self._reduce_scatter(self.group, out, inp, counts, "sum" if op == "avg" else op,
+                                 self.rank)
         if op == "avg":
             out.div_(self.world_size)
 
     def native_all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
-        _wait(self.group._allgather_base(out, inp))
+        with self._failures(f"all_gather (native) over {self.name}"):
+            _wait(self.group._allgather_base(out, inp))
 
     def version(self) -> str:
         return f"torch {torch.__version__} {self.name}"

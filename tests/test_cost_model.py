@@ -1,0 +1,365 @@
+"""The cost model against the textbook alpha-beta-gamma costs, and its refinements.
+
+Reference: Thakur, Rabenseifner and Gropp, "Optimization of Collective Communication
+Operations in MPICH" (IJHPCA 2005). With one rank per node every message crosses the one
+inter-node link class, so each algorithm's price must equal the closed form of the paper
+(alpha = latency, beta = time per byte, gamma = reduce time per byte; n = bytes per rank).
+Then the refinements the paper does not have: link sharing, rendezvous, per-step
+overhead, pricing a size sweep as one vector, and refusing a schedule that deadlocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from topocoll.comm.algorithms import build_schedule
+from topocoll.comm.collectives import CollectiveSpec
+from topocoll.comm.cost_model import CostModelError, price
+from topocoll.comm.schedule import Copy, RankProgram, Recv, Reduce, Region, Schedule, Send
+from topocoll.topology import Topology
+from topocoll.topology.profile import LinkProfile, Profile
+
+ITEMSIZE = 4  # float32
+REL = 1e-6
+
+
+@dataclass(frozen=True)
+class Figures:
+    """alpha (us), beta (us/byte), gamma (us/byte): distinct on purpose."""
+
+    name: str
+    alpha: float
+    beta: float
+    gamma: float
+
+
+FIGURES = [
+    Figures("net-bound", alpha=7.0, beta=3e-3, gamma=5e-4),
+    Figures("reduce-bound", alpha=0.5, beta=2e-4, gamma=1.3e-3),
+]
+
+
+def flat_profile(f: Figures, overhead_us: float = 0.0, copy_us_per_byte: float = 0.0
+                 ) -> Profile:
+    # One rank per node: a node's uplink is its rank's own, so shared beta = flow beta.
+    return Profile(links={"inter": LinkProfile(f.alpha, f.beta, f.beta)},
+                   reduce_us_per_byte=f.gamma, copy_us_per_byte=copy_us_per_byte,
+                   overhead_us=overhead_us, source="test flat profile")
+
+
+def flat(p: int) -> Topology:
+    return Topology.from_layout([1] * p)
+
+
+def priced(algorithm: str, topology: Topology, spec: CollectiveSpec, profile: Profile,
+           **params: object) -> float:
+    schedule = build_schedule(algorithm, topology, spec, **params)
+    return float(price(schedule, profile, ITEMSIZE)[0])
+
+
+# ----- the closed forms ------------------------------------------------------------------
+def ring_cost(p: int, n: float, f: Figures) -> float:
+    return 2 * (p - 1) * f.alpha + 2 * (p - 1) / p * n * f.beta + (p - 1) / p * n * f.gamma
+
+
+def recursive_doubling_cost(p: int, n: float, f: Figures) -> float:
+    return math.log2(p) * (f.alpha + n * f.beta + n * f.gamma)
+
+
+def rabenseifner_cost(p: int, n: float, f: Figures) -> float:
+    return (2 * math.log2(p) * f.alpha + 2 * (p - 1) / p * n * f.beta
+            + (p - 1) / p * n * f.gamma)
+
+
+def tree_cost(p: int, n: float, f: Figures) -> float:
+    return 2 * math.log2(p) * (f.alpha + n * f.beta) + math.log2(p) * n * f.gamma
+
+
+ALL_REDUCE_FORMULAS = {
+    "ring": ring_cost,
+    "recursive_doubling": recursive_doubling_cost,
+    "rabenseifner": rabenseifner_cost,
+    "tree": tree_cost,
+}
+
+POW2 = [2, 4, 8, 16]
+NON_POW2 = [3, 5, 6, 7]
+
+
+def _all_reduce_cases() -> list:
+    cases = []
+    for algo in ALL_REDUCE_FORMULAS:
+        ps = POW2 + NON_POW2 if algo == "ring" else POW2
+        for p in ps:
+            # Counts that split into p equal blocks; the whole-vector algorithms also get
+            # odd counts (their messages never split the vector).
+            counts = [p, 64 * p, 1000 * p]
+            if algo in ("recursive_doubling", "tree"):
+                counts += [1, 1001, 65537]
+            for count in counts:
+                for f in FIGURES:
+                    cases.append(pytest.param(algo, p, count, f,
+                                              id=f"{algo}-p{p}-{count * ITEMSIZE}B-{f.name}"))
+    return cases
+
+
+@pytest.mark.parametrize(("algorithm", "p", "count", "figures"), _all_reduce_cases())
+def test_all_reduce_matches_the_literature(algorithm: str, p: int, count: int,
+                                           figures: Figures) -> None:
+    n = count * ITEMSIZE
+    got = priced(algorithm, flat(p), CollectiveSpec.all_reduce(p, count),
+                 flat_profile(figures))
+    want = ALL_REDUCE_FORMULAS[algorithm](p, n, figures)
+    assert got == pytest.approx(want, rel=REL), (
+        f"{algorithm} p={p} n={n}B {figures}: model {got:.6f} us, literature {want:.6f} us")
+
+
+def _uneven_cases() -> list:
+    return [pytest.param(algo, p, count, id=f"{algo}-p{p}-{count}el")
+            for algo in ("ring", "rabenseifner")
+            for p in (POW2 + NON_POW2 if algo == "ring" else POW2)
+            for count in (p * 100 + 1, p * 100 + p - 1, p * 1000 + p // 2)]
+
+
+@pytest.mark.parametrize(("algorithm", "p", "count"), _uneven_cases())
+def test_uneven_blocks_are_paced_by_the_largest(algorithm: str, p: int, count: int) -> None:
+    """When p does not divide the vector, blocks differ by one element.
+
+    The ring's rendezvous chain makes every step wait for the largest block, so its cost
+    is exactly the formula with every block ceil(count / p) elements. Rabenseifner's
+    halves differ by at most a block, so its cost lies between the formula at n and at
+    p * ceil(count / p) elements.
+    """
+    f = FIGURES[0]
+    got = priced(algorithm, flat(p), CollectiveSpec.all_reduce(p, count), flat_profile(f))
+    exact = ALL_REDUCE_FORMULAS[algorithm](p, count * ITEMSIZE, f)
+    padded = ALL_REDUCE_FORMULAS[algorithm](p, -(-count // p) * p * ITEMSIZE, f)
+    case = f"{algorithm} p={p} count={count}: model {got:.6f}, exact {exact:.6f}, " \
+           f"padded {padded:.6f}"
+    if algorithm == "ring":
+        assert got == pytest.approx(padded, rel=REL), case
+    else:
+        assert exact * (1 - REL) <= got <= padded * (1 + REL), case
+
+
+def _all_to_all_cases() -> list:
+    cases = []
+    for p in POW2 + NON_POW2:
+        for per_peer in (1, 3, 64, 1001):
+            for window in ("1", "all"):
+                cases.append(pytest.param("pairwise", p, per_peer, window,
+                                          id=f"pairwise-w{window}-p{p}-{per_peer}el"))
+            if p in POW2:
+                cases.append(pytest.param("bruck", p, per_peer, None,
+                                          id=f"bruck-p{p}-{per_peer}el"))
+    return cases
+
+
+@pytest.mark.parametrize(("algorithm", "p", "per_peer", "window"), _all_to_all_cases())
+@pytest.mark.parametrize("figures", FIGURES, ids=lambda f: f.name)
+def test_all_to_all_matches_the_literature(algorithm: str, p: int, per_peer: int,
+                                           window: str | None, figures: Figures) -> None:
+    """n is what a rank sends in total (its block to itself included, as nccl-tests).
+
+    Bruck moves n/2 bytes in each of log2(p) rounds (its local packing copies cost 0
+    here); pairwise with window 1 exchanges n/p with one peer per step; with every step
+    posted in one phase the rank's injection bandwidth carries all (p-1) n/p at once.
+    """
+    n = p * per_peer * ITEMSIZE
+    a, b = figures.alpha, figures.beta
+    params: dict[str, object] = {}
+    if algorithm == "bruck":
+        want = math.log2(p) * a + n / 2 * math.log2(p) * b
+    elif window == "1":
+        params["window"] = 1
+        want = (p - 1) * (a + n / p * b)
+    else:
+        params["window"] = p - 1
+        want = a + (p - 1) * n / p * b
+    got = priced(algorithm, flat(p), CollectiveSpec.all_to_all(p, per_peer),
+                 flat_profile(figures), **params)
+    assert got == pytest.approx(want, rel=REL), (
+        f"{algorithm} {params} p={p} n={n}B {figures}: model {got:.6f}, literature {want:.6f}")
+
+
+# ----- hand-made schedules ---------------------------------------------------------------
+def hand_schedule(topology: Topology, phases: dict[int, list[list]], count: int
+                  ) -> Schedule:
+    """A schedule from per-rank phase lists; every rank has `data` and `tmp` of `count`."""
+    programs = tuple(
+        RankProgram(r, {"data": count, "tmp": count},
+                    tuple(tuple(ph) for ph in phases.get(r, [])))
+        for r in range(topology.world_size))
+    return Schedule("all_reduce", "hand-made", programs, topology,
+                    {"collective": "all_reduce", "world_size": topology.world_size,
+                     "count": count})
+
+
+def net_profile(alpha: float = 0.0, beta: float = 1e-3, overhead_us: float = 0.0,
+                reduce_us_per_byte: float = 0.0) -> Profile:
+    links = {"inter": LinkProfile(alpha, beta, beta), "intra": LinkProfile(alpha, beta, beta)}
+    return Profile(links=links, reduce_us_per_byte=reduce_us_per_byte, copy_us_per_byte=0.0,
+                   overhead_us=overhead_us)
+
+
+DATA = Region("data", 0, 1000)
+TMP = Region("tmp", 0, 1000)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 5.0], ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize(("rails", "factor"), [(1, 2.0), (2, 1.0)],
+                         ids=["1-rail-shared", "2-rails-apart"])
+def test_messages_of_one_phase_share_the_node_uplink(rails: int, factor: float,
+                                                     alpha: float) -> None:
+    """Ranks 0 and 1 (node 0) send to ranks 2 and 3 (node 1) in the same phase.
+
+    On one rail both cross node 0's uplink: each takes twice one message's wire time. On
+    two rails local ranks 0 and 1 leave on different NICs and do not slow each other.
+    """
+    topo = Topology.from_layout([2, 2], rails=rails)
+    profile = net_profile(alpha=alpha)
+    one = hand_schedule(topo, {0: [[Send(2, DATA)]], 2: [[Recv(0, DATA)]]}, 1000)
+    two = hand_schedule(topo, {0: [[Send(2, DATA)]], 2: [[Recv(0, DATA)]],
+                               1: [[Send(3, DATA)]], 3: [[Recv(1, DATA)]]}, 1000)
+    t_one = float(price(one, profile, ITEMSIZE)[0])
+    t_two = float(price(two, profile, ITEMSIZE)[0])
+    wire = 1000 * ITEMSIZE * 1e-3
+    assert t_one == pytest.approx(alpha + wire, rel=REL), f"rails={rails}: one message {t_one}"
+    assert t_two == pytest.approx(alpha + factor * wire, rel=REL), (
+        f"rails={rails}: two messages {t_two}, want alpha + {factor} x {wire}")
+
+
+def test_a_late_sender_delays_its_receiver() -> None:
+    """Rank 0 reduces locally before it sends: rank 1's receive cannot start earlier."""
+    topo = flat(2)
+    gamma = 2e-3
+    profile = net_profile(alpha=3.0, reduce_us_per_byte=gamma)
+    busy = hand_schedule(topo, {0: [[Reduce(DATA, (DATA, TMP), "sum")], [Send(1, DATA)]],
+                                1: [[Recv(0, DATA)]]}, 1000)
+    idle = hand_schedule(topo, {0: [[Send(1, DATA)]], 1: [[Recv(0, DATA)]]}, 1000)
+    nbytes = 1000 * ITEMSIZE
+    t_idle = float(price(idle, profile, ITEMSIZE)[0])
+    t_busy = float(price(busy, profile, ITEMSIZE)[0])
+    assert t_idle == pytest.approx(3.0 + nbytes * 1e-3, rel=REL)
+    assert t_busy == pytest.approx(nbytes * gamma + t_idle, rel=REL), (
+        f"late sender: {t_busy}, want reduce {nbytes * gamma} + message {t_idle}")
+
+
+def test_a_busy_sender_delays_a_later_partner() -> None:
+    """Rank 0 first sends a large message to rank 1, then a small one to rank 2: rank 2,
+    ready at time 0, still waits for rank 0 to reach that phase."""
+    topo = flat(3)
+    profile = net_profile(alpha=2.0, beta=1e-3)
+    small = Region("data", 0, 10)
+    sched = hand_schedule(topo, {0: [[Send(1, DATA)], [Send(2, small)]],
+                                 1: [[Recv(0, DATA)]], 2: [[Recv(0, small)]]}, 1000)
+    big_t = 2.0 + 1000 * ITEMSIZE * 1e-3
+    small_t = 2.0 + 10 * ITEMSIZE * 1e-3
+    got = float(price(sched, profile, ITEMSIZE)[0])
+    assert got == pytest.approx(big_t + small_t, rel=REL), (
+        f"rank 2 finishes at {got}, want {big_t} + {small_t} (rendezvous with rank 0)")
+
+
+@pytest.mark.parametrize("p", [2, 4, 7], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize(("algorithm", "window", "phases", "steps_per_phase"), [
+    ("pairwise", 1, lambda p: p - 1, lambda p: 2),
+    ("pairwise", "all", lambda p: 1, lambda p: 2 * (p - 1)),
+    ("ring", None, lambda p: 2 * (p - 1), lambda p: 2),
+], ids=["pairwise-w1", "pairwise-wall", "ring-all-reduce"])
+def test_overhead_is_paid_per_communication_step(p, algorithm, window, phases,
+                                                 steps_per_phase) -> None:
+    """With free links, a phase costs its communication steps times the overhead."""
+    overhead = 1.5
+    profile = Profile(links={"inter": LinkProfile(0.0, 0.0, 0.0)}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=0.0, overhead_us=overhead)
+    if algorithm == "pairwise":
+        spec = CollectiveSpec.all_to_all(p, 16)
+        params = {"window": 1 if window == 1 else p - 1}
+    else:
+        spec, params = CollectiveSpec.all_reduce(p, 16 * p), {}
+    got = priced(algorithm, flat(p), spec, profile, **params)
+    want = phases(p) * steps_per_phase(p) * overhead
+    assert got == pytest.approx(want, rel=REL), f"{algorithm} {params} p={p}: {got} != {want}"
+
+
+def test_overhead_overlaps_the_wire_time() -> None:
+    """The executor posts a phase's steps while earlier ones are in flight: a phase costs
+    the larger of its posting time and its slowest message, not their sum."""
+    p, per_peer = 4, 1000
+    wire = LinkProfile(50.0, 1e-3, 1e-3)
+    spec = CollectiveSpec.all_to_all(p, per_peer)
+    slow_post = Profile(links={"inter": wire}, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
+                        overhead_us=1.0)
+    free_post = Profile(links={"inter": wire}, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
+                        overhead_us=0.0)
+    with_overhead = priced("pairwise", flat(p), spec, slow_post, window=1)
+    without = priced("pairwise", flat(p), spec, free_post, window=1)
+    assert with_overhead == pytest.approx(without, rel=REL), (
+        f"2 steps x 1 us per phase hide under a 50 us alpha: {with_overhead} vs {without}")
+
+
+# ----- vectors over scales ---------------------------------------------------------------
+SCALES = [1.0, 2.0, 3.0, 16.0]
+
+
+@pytest.mark.parametrize(("algorithm", "layout", "spec_of"), [
+    ("ring", (1, 1, 1, 1), lambda p, k: CollectiveSpec.all_reduce(p, 64 * p * k)),
+    ("rabenseifner", (1,) * 8, lambda p, k: CollectiveSpec.all_reduce(p, 64 * p * k)),
+    ("tree", (1,) * 5, lambda p, k: CollectiveSpec.all_reduce(p, 101 * k)),
+    ("hierarchical", (4, 4), lambda p, k: CollectiveSpec.all_reduce(p, 64 * p * k)),
+    ("hierarchical_leader", (3, 5), lambda p, k: CollectiveSpec.all_reduce(p, 77 * k)),
+    ("pairwise", (2, 2), lambda p, k: CollectiveSpec.all_to_all(p, 33 * k)),
+    ("bruck", (1,) * 8, lambda p, k: CollectiveSpec.all_to_all(p, 33 * k)),
+], ids=["ring", "rabenseifner", "tree", "hierarchical-4+4", "leader-3+5", "pairwise-2+2",
+        "bruck"])
+def test_a_price_vector_equals_pricing_each_scale(algorithm, layout, spec_of) -> None:
+    """One schedule priced over scales == the schedules built at each size (counts that
+    scale exactly, so the scaled schedule is the real one)."""
+    topo = Topology.from_layout(list(layout))
+    p = topo.world_size
+    profile = Profile(links={"intra": LinkProfile(2.0, 1e-4, 3e-5),
+                             "inter": LinkProfile(20.0, 1e-3, 1e-3)},
+                      reduce_us_per_byte=2e-4, copy_us_per_byte=1e-4, overhead_us=0.7)
+    base = build_schedule(algorithm, topo, spec_of(p, 1))
+    vector = price(base, profile, ITEMSIZE, SCALES)
+    one_by_one = [priced(algorithm, topo, spec_of(p, int(k)), profile) for k in SCALES]
+    assert vector.shape == (len(SCALES),)
+    np.testing.assert_allclose(vector, one_by_one, rtol=REL,
+                               err_msg=f"{algorithm} on {layout} over scales {SCALES}")
+
+
+# ----- topology awareness ----------------------------------------------------------------
+@pytest.mark.parametrize("nbytes", [1 << 16, 1 << 20, 16 << 20], ids=["64K", "1M", "16M"])
+def test_hierarchical_beats_flat_ring_when_the_network_is_slow(nbytes: int) -> None:
+    """2 nodes x 4 ranks, the inter-node link 10x slower than inside a node: the flat ring
+    pays the slow link in all 2(p-1) steps; hierarchical crosses it with 1/4 of the data
+    per owner, once per direction."""
+    topo = Topology.from_layout([4, 4])
+    profile = Profile(links={"intra": LinkProfile(5.0, 1e-4, 1e-4 / 4),
+                             "inter": LinkProfile(50.0, 1e-3, 1e-3)},
+                      reduce_us_per_byte=1e-5, copy_us_per_byte=1e-5, overhead_us=0.0)
+    spec = CollectiveSpec.all_reduce(8, nbytes // ITEMSIZE)
+    ring = priced("ring", topo, spec, profile)
+    hier = priced("hierarchical", topo, spec, profile)
+    assert hier < 0.8 * ring, f"{nbytes}B: hierarchical {hier:.1f} us vs flat ring {ring:.1f} us"
+
+
+# ----- refusals --------------------------------------------------------------------------
+def test_a_deadlocking_schedule_is_refused() -> None:
+    """Both ranks receive first and send afterwards: under rendezvous nobody can start."""
+    topo = flat(2)
+    sched = hand_schedule(topo, {0: [[Recv(1, TMP)], [Send(1, DATA)]],
+                                 1: [[Recv(0, TMP)], [Send(0, DATA)]]}, 1000)
+    with pytest.raises(CostModelError, match="deadlock"):
+        price(sched, net_profile(alpha=1.0), ITEMSIZE)
+
+
+def test_an_unmatched_send_is_refused() -> None:
+    topo = flat(2)
+    sched = hand_schedule(topo, {0: [[Send(1, DATA)]], 1: [[Copy(TMP, DATA)]]}, 1000)
+    with pytest.raises(CostModelError, match="1 sends but 0 receives"):
+        price(sched, net_profile(alpha=1.0), ITEMSIZE)
