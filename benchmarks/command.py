@@ -44,11 +44,16 @@ def _child_argv(args: argparse.Namespace, launcher: str) -> list[str]:
         argv += ["--json", os.path.abspath(args.json)]
     if getattr(args, "profile", None):
         argv += ["--profile", os.path.abspath(args.profile)]
+    if getattr(args, "soak", None) is not None:
+        argv += ["--soak", str(args.soak)]
     return argv
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     _options(args)  # validate everything before starting any process
+    soak = getattr(args, "soak", None)
+    if soak is not None and not (soak >= 0 and soak < float("inf")):
+        raise ValueError(f"--soak takes minutes >= 0, got {soak}")
     if args.launcher == "local":
         return _launch(args)
     return _run_rank(args)
@@ -68,8 +73,9 @@ def _launch(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w"):
             pass  # truncate: rank 0 appends this run's rows
+    soak_s = 60.0 * (getattr(args, "soak", None) or 0.0)  # the soak's own length on top
     return launch_job("bench", args.transport, n, lambda launcher: _child_argv(args, launcher),
-                      args.timeout * 4 + 120, env)
+                      soak_s + args.timeout * 4 + 120, env)
 
 
 def _run_rank(args: argparse.Namespace) -> int:
@@ -78,16 +84,35 @@ def _run_rank(args: argparse.Namespace) -> int:
     from topocoll.comm.job import init_job
 
     torch.set_num_threads(1)  # ranks share the machine's cores
+    if getattr(args, "soak", None) is None:
+        # The `native` baseline is MPI's blocking collective, as MPI users call it; by
+        # default the transport bounds natives with the slower nonblocking forms.
+        from topocoll.comm.transports.mpi import BLOCKING_NATIVES_ENV
+
+        os.environ.setdefault(BLOCKING_NATIVES_ENV, "1")
     if args.layout:
         parse_topology(args.layout)  # a bad layout fails here, with its own message
         os.environ.setdefault("TOPOCOLL_TOPOLOGY", args.layout)
     job = init_job(args.transport, args.intra, args.timeout, args.launcher)
+    failed = True
     try:
         with contextlib.ExitStack() as stack:
             json_out = None
             if args.json and job.rank == 0:
                 json_out = stack.enter_context(open(args.json, "a"))
-            run_sweep(job, _options(args), sys.stdout, json_out)
+            if getattr(args, "soak", None) is not None:
+                from .soak import soak
+
+                status = soak(job, args.soak, sys.stdout, json_out)
+            else:
+                run_sweep(job, _options(args), sys.stdout, json_out)
+                status = 0
+        failed = False
     finally:
-        job.close()
-    return 0
+        # After a failure the ranks are out of step: close()'s barrier would only wait
+        # out the timeout, so release locally and let the error through at once.
+        if failed:
+            job.abort()
+        else:
+            job.close()
+    return status

@@ -1,9 +1,10 @@
 """The benchmark harness: warm-up, size sweep, timing (slowest rank wins), checking, output.
 
-Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls, each started
-after a barrier on fresh input; a call's time is the slowest rank's, the row's time is
-the median over calls. With `check`, one more call on fresh input is compared element by
-element with the expected result on every rank and `#wrong` is the sum over ranks.
+Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls (up to 5x more
+below 1 MiB, as OSU does), each started after a barrier on fresh input; a call's time is
+the slowest rank's, the row's time is the median over calls. With `check`, one more call
+on fresh input is compared element by element with the expected result on every rank and
+`#wrong` is the sum over ranks.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ class BenchOptions:
     params: dict[str, Any] = field(default_factory=dict)
     inter_rate_bps: float | None = None  # bytes/s of one inter-node link, for the bound
     profile: str | None = None  # profile JSON: rows get the cost model's predicted_us
+
+
+SMALL_BYTES = 1 << 20
+MAX_SMALL_FACTOR = 5
+
+
+def iterations(nbytes: int, iters: int) -> int:
+    """OSU-style: messages below 1 MiB get more timed calls (up to 5x `iters`).
+
+    Small collectives take milliseconds here and jitter by as much, so a median of three
+    says little; their extra calls cost almost nothing next to one large size.
+    """
+    if nbytes >= SMALL_BYTES:
+        return iters
+    return min(max(iters, iters * SMALL_BYTES // max(nbytes, 1)), MAX_SMALL_FACTOR * iters)
 
 
 def expand_algorithms(names: str | list[str], collective: str) -> tuple[str, ...]:
@@ -102,7 +118,7 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
     except NotSupportedError:
         return None
     samples = []
-    for _ in range(opts.iters):
+    for _ in range(iterations(nbytes, opts.iters)):
         case.reset()
         comm.barrier()
         start = time.perf_counter()
@@ -141,6 +157,7 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
         "busbw_gbs": round(algbw * entry.bus_factor(job.world_size), 6),
         "wrong": sum(r["wrong"] for r in everyone) if opts.check else None,
         "samples_us": [round(s, 3) for s in slowest],
+        "iters": len(samples),
         "predicted_us": _predicted(opts.collective, chosen, nbytes, topology, profile,
                                    element) if job.rank == 0 else None,
         "model_pick": _model_pick(opts.collective, nbytes, topology, profile)
@@ -186,7 +203,6 @@ def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
         "layout": list(topology.layout),
         "topology": {**topology.to_dict(), "fingerprint": topology.fingerprint},
         "versions": job.versions(),
-        "iters": opts.iters,
         "warmup": opts.warmup,
     }
     if lead:

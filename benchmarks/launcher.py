@@ -39,7 +39,8 @@ class LaunchResult:
     stderr_tail: str
 
 
-def _kill(procs: Sequence[subprocess.Popen]) -> None:
+def kill_all(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGKILL every still-running rank's process group, then reap them all."""
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -91,7 +92,7 @@ def launch_local(n: int, argv: Sequence[str], timeout: float, env: dict[str, str
                 stderr=subprocess.PIPE, start_new_session=True, text=True))
         return _supervise(procs, timeout)
     finally:
-        _kill(procs)
+        kill_all(procs)
         remove_segments(job)  # what ranks that died could not unlink
         for log in logs:
             if log is not None:
@@ -105,7 +106,7 @@ def _supervise(procs: list[subprocess.Popen], timeout: float) -> LaunchResult:
         codes = [p.poll() for p in procs]
         failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
         if failed is not None:
-            _kill(procs)
+            kill_all(procs)
             tail = _stderr_tail(procs[failed])
             for rank, proc in enumerate(procs):  # rank 0's stderr is the user's too
                 if rank == 0 and rank != failed:
@@ -115,7 +116,7 @@ def _supervise(procs: list[subprocess.Popen], timeout: float) -> LaunchResult:
             sys.stderr.write(_stderr_tail(procs[0]))
             return LaunchResult(0, None, "")
         if time.monotonic() > deadline:
-            _kill(procs)
+            kill_all(procs)
             return LaunchResult(124, None, f"job killed after the {timeout:.0f} s timeout\n")
         time.sleep(0.05)
 

@@ -178,7 +178,8 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
         versions=job.versions(), samples=tuple(samples),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured")
     for name, fig in sorted(links.items()):
-        say(f"# {name}: alpha {fig.alpha_us:.1f} us, {fig.bandwidth_gbs:.3f} GB/s one flow "
+        say(f"# {name}: alpha {fig.alpha_us:.1f} us ({fig.alpha_with(fig.flows):.1f} us under "
+            f"{fig.flows} flows), {fig.bandwidth_gbs:.3f} GB/s one flow "
             f"({1e-3 / fig.duplex_beta:.3f} each way when a pair swaps), "
             f"{1e-3 / fig.shared_beta_us_per_byte:.3f} GB/s aggregate under {fig.flows} "
             f"flows, fit r2 {fig.r2:.3f}")
@@ -202,7 +203,8 @@ def _link_figures(link: str, topology: Topology, ping: list[tuple[int, float]],
         flows = max(sum(1 for a, _ in pairs if topology.node_of[a] == 0), 1)
     shared_beta = max(shared.beta_us_per_byte / flows, 0.0) or fit.beta_us_per_byte
     return LinkProfile(fit.alpha_us, fit.beta_us_per_byte, shared_beta, round(fit.r2, 4),
-                       flows, max(both_ways.beta_us_per_byte, fit.beta_us_per_byte))
+                       flows, max(both_ways.beta_us_per_byte, fit.beta_us_per_byte),
+                       max(shared.alpha_us, fit.alpha_us))
 
 
 def _overhead(prober: Prober, opts: ProfileOptions, samples: list[dict[str, Any]]) -> float:

@@ -1,8 +1,12 @@
 """Regret: how far a pick is from the measured best forced algorithm, per size.
 
 For each size of a sweep: the best of our forced algorithms (measured in the same run),
-the `tuned` row's time (the tuner's pick as the backend runs it) and, when a profile is
-loaded, the measured time of the model's own first choice. Regret = time / best - 1.
+and three views of the tuner, each as regret = time / best - 1:
+- **pick**: the forced row of the algorithm the tuner chose (the autotuning literature's
+  regret: the choice judged on the same measurements as the best);
+- **tuned run**: the `tuned` row's own time (the pick as the backend runs it, which adds
+  the run-to-run noise of two separate measurements);
+- **model pick**: the forced row of the cost model's own first choice (no measurement).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ class RegretRow:
     tuned_pick: str | None
     model_pick: str | None
     model_us: float | None
+    pick_us: float | None = None
+
+    @property
+    def pick_regret(self) -> float | None:
+        return None if self.pick_us is None else self.pick_us / self.best_us - 1
 
     @property
     def tuned_regret(self) -> float | None:
@@ -53,10 +62,11 @@ def regret_rows(rows: Iterable[Mapping[str, Any]]) -> list[RegretRow]:
         best = min(times, key=lambda a: times[a])
         t_row = tuned.get(size)
         model = t_row.get("model_pick") if t_row else None
+        pick = str(t_row.get("chosen")) if t_row else None
         out.append(RegretRow(size, best, times[best],
-                             float(t_row["time_us"]) if t_row else None,
-                             str(t_row.get("chosen")) if t_row else None,
-                             model, times.get(model) if model else None))
+                             float(t_row["time_us"]) if t_row else None, pick,
+                             model, times.get(model) if model else None,
+                             times.get(pick) if pick else None))
     return out
 
 
@@ -64,22 +74,26 @@ def format_regret(rows: list[RegretRow]) -> str:
     if not rows or all(r.tuned_us is None and r.model_us is None for r in rows):
         return ""
     lines = ["# regret against the best forced algorithm of this run",
-             f"{'size':>8}  {'best':<20}{'best(us)':>12}  {'tuned->':<20}{'tuned(us)':>12}"
-             f"{'regret':>9}  {'model pick':<20}{'regret':>9}"]
+             f"{'size':>8}  {'best':<20}{'best(us)':>12}  {'tuned pick':<20}{'pick':>8}"
+             f"{'tuned(us)':>12}{'run':>8}  {'model pick':<20}{'regret':>8}"]
+
+    def pct(value: float | None) -> str:
+        return f"{value * 100:+.1f}%" if value is not None else "-"
+
     for r in rows:
-        tr = f"{r.tuned_regret * 100:+.1f}%" if r.tuned_regret is not None else "-"
-        mr = f"{r.model_regret * 100:+.1f}%" if r.model_regret is not None else "-"
         tuned = f"{r.tuned_us:.1f}" if r.tuned_us is not None else "-"
         lines.append(f"{format_size(r.bytes):>8}  {r.best:<20}{r.best_us:>12.1f}  "
-                     f"{r.tuned_pick or '-':<20}{tuned:>12}{tr:>9}  {r.model_pick or '-':<20}"
-                     f"{mr:>9}")
+                     f"{r.tuned_pick or '-':<20}{pct(r.pick_regret):>8}{tuned:>12}"
+                     f"{pct(r.tuned_regret):>8}  {r.model_pick or '-':<20}"
+                     f"{pct(r.model_regret):>8}")
     lines.append(summary(rows))
     return "\n".join(lines)
 
 
 def summary(rows: list[RegretRow]) -> str:
     parts = []
-    for label, values in (("tuned", [r.tuned_regret for r in rows]),
+    for label, values in (("tuner's pick", [r.pick_regret for r in rows]),
+                          ("tuned run", [r.tuned_regret for r in rows]),
                           ("model pick", [r.model_regret for r in rows])):
         known = [v for v in values if v is not None]
         if known:

@@ -14,6 +14,8 @@ three refinements that matter on real clusters:
   shared_beta for each resource it shares with others)`: the busiest resource sets the
   pace (a message alone on a resource runs at the one-flow rate, `beta`, or at the
   measured `duplex_beta` when its pair sends the other way in the same phase);
+- **latency under load**: a message's alpha grows with the messages that share its
+  busiest resource in the phase, as measured by the profiler's concurrent probe;
 - **CPU costs**: a per-step overhead of the executor/transport and the local reduce and
   copy steps (gamma per byte), measured by the profiler.
 
@@ -191,6 +193,7 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
     flight together (the executor posts a phase's communication at once).
     """
     load: dict[tuple[int, tuple[str, ...]], float] = defaultdict(float)
+    crowd: dict[tuple[int, tuple[str, ...]], int] = defaultdict(int)
     # A rank's own injection/ejection, per link class: its NIC and its memory copies are
     # different engines (a rank sending inter-node while copying intra-node does both).
     inject: dict[tuple[int, int, str, str], float] = defaultdict(float)
@@ -199,6 +202,7 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
             continue
         for res in _resources(m, topology):
             load[m.src_phase, res] += m.nbytes
+            crowd[m.src_phase, res] += 1
         inject[m.src_phase, m.src, "out", m.level.kind] += m.nbytes
         inject[m.src_phase, m.dst, "in", m.level.kind] += m.nbytes
     both_ways = {(m.src_phase, m.src, m.dst) for m in messages}
@@ -216,7 +220,9 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
             shared = load[m.src_phase, res]
             if shared > m.nbytes:  # not alone on it: the resource's aggregate rate rules
                 per_scale = max(per_scale, shared * link.shared_beta_us_per_byte)
-        out.append((link.alpha_us, per_scale))
+        busiest = max((crowd[m.src_phase, res] for res in _resources(m, topology)),
+                      default=1)
+        out.append((link.alpha_with(busiest), per_scale))
     return out
 
 

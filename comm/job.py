@@ -73,6 +73,11 @@ class Job:
         only does local work (unmap and unlink shared memory, force UCX endpoints shut,
         free MPI communicators, drop the Gloo group), so the process can exit at once.
         Best effort: a transport that fails to close does not stop the others.
+
+        Under MPI it also finalizes MPI, bounded (`MPITransport.finalize_bounded`):
+        Open MPI's finalize can wait forever for a dead rank, and it would otherwise run
+        at interpreter exit with no bound. If it does not return, the process ends there
+        with status 0, so do everything else (reports, logs) before calling this.
         """
         for transport in self.communicator.transports.all():
             with contextlib.suppress(Exception):
@@ -83,6 +88,12 @@ class Job:
             with contextlib.suppress(Exception):
                 if dist.is_initialized():
                     dist.destroy_process_group()
+        if self.transport == "mpi":
+            from .transports.mpi import MPITransport
+
+            inter = self.communicator.transports.inter
+            if isinstance(inter, MPITransport):
+                inter.finalize_bounded()
 
 
 def under_mpirun() -> bool:

@@ -143,7 +143,7 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
         comm = self._comms.get(kind)
         if comm is None:
             inter = TorchPGTransport(self.inner(kind), store=dist.PrefixStore(
-                f"topocoll-sub-{kind}", self._store))
+                f"topocoll-sub-{kind}", self._store), timeout=self._timeout)
             intra_mode = os.environ.get("TOPOCOLL_INTRA", "shm")
             if kind == "cpu" and intra_mode == "shm":
                 job = self._bootstrap.broadcast_json(job_id())

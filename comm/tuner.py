@@ -157,17 +157,22 @@ def tune_collective(collective: str, topology: Topology, profile: Profile | None
         for algo in [*algos, *([NATIVE] if NATIVE in measured else [])]:
             model = predicted.get(algo, {}).get(s)
             seen = _measured_in(measured.get(algo, {}), lo, hi)
-            candidates[algo] = Candidate(model, seen)
-            corrected = _corrected(model, corrections, algo, s)
-            cost = seen if seen is not None else corrected
+            corrected = _corrected(model, corrections, algo, s) if corrections else None
+            candidates[algo] = Candidate(model, seen, corrected)
+            cost = seen if seen is not None else (corrected if corrected is not None
+                                                  else model)
             if cost is not None:
                 costs[algo] = cost
         default = default_choice(collective, s, topology).algorithm
         if costs:
             pick = min(costs, key=lambda a: costs[a])
             measured_here = sum(1 for c in candidates.values() if c.measured_us is not None)
-            source = ("measurement" if measured_here >= 2 and candidates[pick].measured_us
-                      is not None else "model+measurement" if corrections else "model")
+            if measured_here >= 2 and candidates[pick].measured_us is not None:
+                source = "measurement"
+            elif candidates[pick].predicted_us is None:
+                source = "measurement"  # no model: the one measured candidate
+            else:
+                source = "model+measurement" if corrections else "model"
         else:
             pick, source = default, "default"
         ranges.append(SizeRange(lo, hi, pick, source, candidates))
@@ -242,6 +247,4 @@ def format_table(table: TuningTable) -> str:
 
 
 def _cost(c: Candidate | None) -> float | None:
-    if c is None:
-        return None
-    return c.measured_us if c.measured_us is not None else c.predicted_us
+    return None if c is None else c.cost_us

@@ -55,11 +55,23 @@ class ForeignTableError(TuningError):
 
 @dataclass(frozen=True)
 class Candidate:
+    """One algorithm's cost in one range: the model's, measured, and the model refined by
+    measurements at other sizes (what the pick compares where nothing was measured)."""
+
     predicted_us: float | None = None
     measured_us: float | None = None
+    refined_us: float | None = None
+
+    @property
+    def cost_us(self) -> float | None:
+        for value in (self.measured_us, self.refined_us, self.predicted_us):
+            if value is not None:
+                return value
+        return None
 
     def to_dict(self) -> dict[str, float | None]:
-        return {"predicted_us": _round(self.predicted_us), "measured_us": _round(self.measured_us)}
+        return {"predicted_us": _round(self.predicted_us), "measured_us": _round(self.measured_us),
+                "refined_us": _round(self.refined_us)}
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,8 @@ class TuningTable:
             profile["source"] = self.profile.source
         return {
             "schema": SCHEMA, "version": VERSION, "created": self.created,
-            "fingerprint": self.fingerprint, "topology": self.topology.to_dict(),
+            "fingerprint": self.fingerprint,
+            "topology": {**self.topology.to_dict(), "fingerprint": self.fingerprint},
             "transport": self.transport, "intra": self.intra, "profile": profile,
             "collectives": {name: {"fallback": t.fallback,
                                    "ranges": [r.to_dict() for r in t.ranges]}
@@ -175,7 +188,7 @@ def table_from_dict(data: Any, where: str = "(in memory)") -> TuningTable:
         raise TuningError(f"tuning table {where}: top level must be an object")
     if data.get("schema") != SCHEMA:
         raise fail("schema", f"must be {SCHEMA!r}, got {data.get('schema')!r}")
-    if data.get("version") != VERSION:
+    if type(data.get("version")) is not int or data.get("version") != VERSION:
         raise fail("version", f"{data.get('version')!r} is not supported (this topocoll "
                               f"reads version {VERSION})")
     topo_data = data.get("topology")
@@ -256,7 +269,7 @@ def _candidates(raw: Any, known: set[str], where: str, fail: Any) -> dict[str, C
         if not isinstance(cost, Mapping):
             raise fail(f"{where}.candidates.{algo}", "must be an object")
         values = []
-        for key in ("predicted_us", "measured_us"):
+        for key in ("predicted_us", "measured_us", "refined_us"):
             v = cost.get(key)
             if v is not None and not (_is_number(v) and v >= 0):
                 raise fail(f"{where}.candidates.{algo}.{key}", f"must be a number >= 0 or "

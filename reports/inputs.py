@@ -19,7 +19,7 @@ from typing import Any
 PROFILE_SCHEMA = "topocoll.profile"
 TUNING_SCHEMA = "topocoll.tuning"
 SUPPORTED_VERSION = 1
-RANGE_SOURCES = ("default", "model", "measurement", "override")
+RANGE_SOURCES = ("default", "model", "model+measurement", "measurement", "override")
 
 
 class InputError(ValueError):
@@ -263,10 +263,16 @@ def _topology(doc: _Doc) -> Topology:
     if layout is not None and (not isinstance(layout, list)
                                or sum(x for x in layout if isinstance(x, int)) != len(node_of)):
         raise doc.error(f"expected ranks per node adding up to {len(node_of)} ranks", "layout")
-    return Topology(fingerprint=doc.str_("fingerprint"), node_of=tuple(node_of),
-                    rails=doc.int_("rails", required=False, minimum=1) or 1,
-                    intra_link=doc.str_("intra_link", required=False),
-                    inter_link=doc.str_("inter_link", required=False))
+    rails = doc.int_("rails", required=False, minimum=1) or 1
+    intra, inter = doc.str_("intra_link", required=False), doc.str_("inter_link", required=False)
+    fingerprint = doc.str_("fingerprint", required=False)
+    if not fingerprint:  # older profiles: the same hash the library computes
+        from topocoll.topology import Topology as Shape
+
+        fingerprint = Shape(tuple(node_of), rails, intra_link=intra or "shm",
+                            inter_link=inter or "tcp").fingerprint
+    return Topology(fingerprint=fingerprint, node_of=tuple(node_of), rails=rails,
+                    intra_link=intra, inter_link=inter)
 
 
 def _result_row(obj: Any, path: Path, line: int) -> ResultRow:

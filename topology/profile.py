@@ -46,11 +46,23 @@ class LinkProfile:
     # One pair sending both ways at once over one connection (measured: on a shaped TCP
     # link the ACKs of each direction queue behind the other's data). None = beta.
     duplex_beta_us_per_byte: float | None = None
+    # Latency when `flows` messages cross the shared resource at once (the transport's
+    # per-message cost under load: CPU, the TCP stack, the shaper's queue). None = alpha.
+    shared_alpha_us: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha_us": self.alpha_us, "beta_us_per_byte": self.beta_us_per_byte,
                 "shared_beta_us_per_byte": self.shared_beta_us_per_byte, "r2": self.r2,
-                "flows": self.flows, "duplex_beta_us_per_byte": self.duplex_beta_us_per_byte}
+                "flows": self.flows, "duplex_beta_us_per_byte": self.duplex_beta_us_per_byte,
+                "shared_alpha_us": self.shared_alpha_us}
+
+    def alpha_with(self, messages: int) -> float:
+        """Latency of a message sharing its resource with `messages - 1` others: linear
+        between the one-flow and the measured `flows`-flow latency (and beyond it)."""
+        if messages <= 1 or self.shared_alpha_us is None or self.flows <= 1:
+            return self.alpha_us
+        extra = max(self.shared_alpha_us - self.alpha_us, 0.0) / (self.flows - 1)
+        return self.alpha_us + extra * (messages - 1)
 
     @property
     def duplex_beta(self) -> float:
@@ -103,7 +115,8 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA, "version": VERSION, "created": self.created,
-            "topology": self.topology.to_dict() if self.topology is not None else None,
+            "topology": ({**self.topology.to_dict(), "fingerprint": self.topology.fingerprint}
+                         if self.topology is not None else None),
             "fingerprint": self.fingerprint, "transport": self.transport, "intra": self.intra,
             "versions": dict(self.versions),
             "links": {k: v.to_dict() for k, v in sorted(self.links.items())},
@@ -209,7 +222,7 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
     if data.get("schema") != SCHEMA:
         raise ProfileError(f"profile {where}: field 'schema' must be {SCHEMA!r}, "
                            f"got {data.get('schema')!r}")
-    if data.get("version") != VERSION:
+    if type(data.get("version")) is not int or data.get("version") != VERSION:
         raise ProfileError(f"profile {where}: field 'version' {data.get('version')!r} is "
                            f"not supported (this topocoll reads version {VERSION})")
     links_data = _field(data, "links", Mapping, where)
@@ -232,6 +245,10 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
         if duplex is not None and not (_finite(duplex) and duplex > 0):
             raise ProfileError(f"profile {where}: field '{at}.duplex_beta_us_per_byte' must be "
                                f"a finite number > 0 or null, got {duplex!r}")
+        shared_alpha = entry.get("shared_alpha_us")
+        if shared_alpha is not None and not (_finite(shared_alpha) and shared_alpha >= 0):
+            raise ProfileError(f"profile {where}: field '{at}.shared_alpha_us' must be a "
+                               f"finite number >= 0 or null, got {shared_alpha!r}")
         flows = entry.get("flows", 1)
         if not isinstance(flows, int) or isinstance(flows, bool) or flows < 1:
             raise ProfileError(f"profile {where}: field '{at}.flows' must be a positive int")
@@ -243,6 +260,7 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
             r2=float(r2) if r2 is not None else None,
             flows=flows,
             duplex_beta_us_per_byte=float(duplex) if duplex is not None else None,
+            shared_alpha_us=float(shared_alpha) if shared_alpha is not None else None,
         )
     compute = _field(data, "compute", Mapping, where)
     topology = None

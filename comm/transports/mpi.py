@@ -32,14 +32,19 @@ did not free ranks blocked in `MPI_Allreduce` until the stalled peer joined; `Ca
 does not apply to collectives). So every wait here is `Test` polled until the transport's
 `timeout` (point-to-point and native collectives alike: natives are posted as MPI's
 nonblocking collectives, `Iallreduce`, `Ialltoallv`...), then a `CollectiveTimeoutError`.
+The price: Open MPI runs its nonblocking all-reduce with other algorithms (libnbc) than
+the blocking one (tuned), 12-48% slower from 256 KiB to 64 MiB on 4 local ranks (all-to-
+all: no slower). A baseline must be MPI as its users call it, so `topocoll bench` sets
+`TOPOCOLL_MPI_BLOCKING_NATIVES=1`: natives are then the blocking calls, unbounded.
 Whether a survivor gets that chance depends on the launcher: by default Open MPI's
 runtime kills the whole job when one rank dies; under `mpirun --with-ft ulfm`
 (`run_mpirun(..., fault_tolerant=True)`) the job survives, requests to the dead rank
 fail with MPI_ERR_PROC_FAILED within about a second, and on the first failure or timeout
 this transport revokes its communicators (ULFM's `MPI_Comm_revoke`), so every other
 rank's pending operations fail with MPI_ERR_REVOKED at once instead of waiting out their
-own timeouts. Buffers of requests abandoned that way stay referenced until `close()`, so
-a late message can never land in freed memory.
+own timeouts. Buffers of requests abandoned that way stay referenced for the life of the
+transport, so a late message can never land in freed memory. A rank that gives up ends
+MPI with `finalize_bounded()` (which `Job.abort()` calls).
 
 mpi4py is imported lazily: importing this module never needs it.
 """
@@ -47,11 +52,16 @@ mpi4py is imported lazily: importing this module never needs it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import faulthandler
 import os
 import re
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +79,8 @@ from .base import (
 MISSING_EXTRA = "MPI transport needs the 'mpi' extra: pip install 'topocoll[mpi]'"
 INT_MAX = 2**31 - 1
 FT_ENV = "OMPI_MCA_mpi_ft_enable"  # exported to the ranks by `mpirun --with-ft ulfm`
+FINALIZE_STUCK = "topocoll: MPI_Finalize did not return after a failure"
+BLOCKING_NATIVES_ENV = "TOPOCOLL_MPI_BLOCKING_NATIVES"
 
 # torch dtype -> MPI datatype name (resolved on the MPI module when used).
 _MPI_TYPES = {
@@ -191,11 +203,18 @@ class MPITransport(Transport):
 
     name = "mpi"
 
-    def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = None,
+                 blocking_natives: bool | None = None) -> None:
         """`timeout` bounds every native collective and barrier (seconds; default
-        `TOPOCOLL_TIMEOUT`, else 300); the executor bounds point-to-point waits itself."""
+        `TOPOCOLL_TIMEOUT`, else 300); the executor bounds point-to-point waits itself.
+        `blocking_natives` (default: `TOPOCOLL_MPI_BLOCKING_NATIVES=1`) runs native
+        collectives as MPI's blocking calls, unbounded, for baselines (see the module
+        docstring)."""
         self.timeout = float(timeout if timeout is not None
                              else os.environ.get("TOPOCOLL_TIMEOUT", "300"))
+        if blocking_natives is None:
+            blocking_natives = os.environ.get(BLOCKING_NATIVES_ENV, "") == "1"
+        self.blocking_natives = blocking_natives
         # Set by `mpirun --with-ft ulfm`: the job survives a dead rank, so revoking our
         # communicators on a failure is what tells the other ranks.
         self.fault_tolerant = os.environ.get(FT_ENV, "") in ("1", "true")
@@ -256,24 +275,25 @@ class MPITransport(Transport):
             self.abandon(req, keep)
             raise TransportError(f"{what} failed: {_mpi_message(exc)}") from exc
 
+    def _collective(self, comm: Any, name: str, args: tuple[Any, ...], what: str,
+                    *keep: Any) -> None:
+        """`comm.<name>(*args)`, a native collective: posted as its nonblocking form
+        (`Allreduce` -> `Iallreduce`) and bounded by the timeout, or, with
+        `blocking_natives`, MPI's own blocking call, which nothing bounds."""
+        if self.blocking_natives:
+            with self._errors(what):
+                getattr(comm, name)(*args)
+            return
+        with self._errors(what):
+            req = getattr(comm, "I" + name[0].lower() + name[1:])(*args)
+        self._complete(req, what, *keep)
+
     def abandon(self, req: Any, keep: Any) -> None:
         """A request we stop waiting for: keep its buffers alive (MPI may still write
         them) and, in a fault-tolerant job, revoke our communicators so that every other
         rank's pending operations fail now rather than at their own timeouts."""
         self._abandoned.append((req, keep))
         self.revoke()
-
-    def _await_failure_notice(self, limit: float = 5.0) -> None:
-        """Wait (bounded) until MPI knows which rank failed before we go on to finalize."""
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                group = self.comm.Get_failed()
-                failed = group.Get_size()
-                group.Free()
-                if failed:
-                    return
-            time.sleep(0.01)
 
     def revoke(self) -> None:
         """ULFM's `MPI_Comm_revoke` on our communicators (once; fault-tolerant jobs only)."""
@@ -352,11 +372,10 @@ class MPITransport(Transport):
         scounts, sdispls = _byte_layout(in_splits, esize, "all_to_all_v")
         rcounts, rdispls = _byte_layout(out_splits, esize, "all_to_all_v")
         byte = self.MPI.BYTE
-        what = f"mpi rank {self.rank} native all_to_all_v"
-        with self._errors(what):
-            req = self.comm.Ialltoallv([send, scounts, sdispls, byte],
-                                       [recv, rcounts, rdispls, byte])
-        self._complete(req, what, send, recv)
+        what = f"rank {self.rank}: all_to_all_v (native) over mpi"
+        self._collective(self.comm, "Alltoallv", ([send, scounts, sdispls, byte],
+                                                  [recv, rcounts, rdispls, byte]),
+                         what, send, recv)
 
     def native_reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         self._reduce_scatter(self.comm, out, inp, None, op)
@@ -373,18 +392,52 @@ class MPITransport(Transport):
         self._closed = True
         if self.MPI.Is_finalized():
             return
-        if self.fault_tolerant and self._abandoned:
-            self._await_failure_notice()
-            for req, _ in self._abandoned:
-                with contextlib.suppress(Exception):
-                    req.Cancel()
-                with contextlib.suppress(Exception):
-                    req.Free()
         for sub in self._subcomms.values():
             if sub != self.MPI.COMM_NULL:
                 sub.Free()
         self._subcomms.clear()
         self.comm.Free()
+
+    def finalize_bounded(self, limit: float = 10.0) -> None:
+        """`MPI_Finalize` now, and if it has not returned after `limit` s, end the process.
+
+        For a rank that gives up after a failure. Open MPI 5's finalize waits in a runtime
+        fence for every rank of the job, and with ULFM that fence can wait forever on a
+        rank that died (open-mpi/ompi#9434, #11404; here in 11 of about 50 trials of
+        `benchmarks/faults.py` while we worked on it, 0 of the final 40), or on a stalled
+        one. A watchdog thread then prints why and calls `os._exit(0)`: whatever
+        the caller did before giving up is done, and nothing is left to clean but MPI's
+        own state, which the runtime reclaims. mpi4py's `Finalize` holds the GIL (seen
+        with gdb: the watchdog waited for it forever), so we call the library's
+        `MPI_Finalize` through ctypes, which releases it; mpi4py then finds MPI finalized
+        and skips its own call at exit. Where libmpi cannot be found, faulthandler's
+        GIL-free timer bounds mpi4py's `Finalize` instead (it exits with status 1).
+        """
+        if self.MPI.Is_finalized():
+            return
+        returned = threading.Event()
+
+        def watchdog() -> None:
+            if not returned.wait(limit):
+                sys.stderr.write(f"{FINALIZE_STUCK} ({limit:.0f} s, rank {self.rank}); "
+                                 "exiting without it\n")
+                sys.stderr.flush()
+                os._exit(0)
+
+        library = _loaded_libmpi()
+        if library is None:
+            faulthandler.dump_traceback_later(limit, exit=True)
+            try:
+                self.MPI.Finalize()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+            return
+        threading.Thread(target=watchdog, name="topocoll-finalize-watchdog",
+                         daemon=True).start()
+        try:
+            library.MPI_Finalize()
+        finally:
+            returned.set()
 
     def version(self) -> str:
         import mpi4py
@@ -438,11 +491,10 @@ class MPITransport(Transport):
     def _all_reduce(self, comm: Any, tensor: torch.Tensor, op: str) -> None:
         base = _base_op(op, tensor)
         work = tensor.to(torch.float32) if tensor.dtype in _STAGED else tensor
-        what = f"mpi rank {self.rank} native all_reduce ({op}, {tensor.dtype})"
+        what = f"rank {self.rank}: all_reduce (native) over mpi ({op}, {tensor.dtype})"
         buf = self._typed(work, "all_reduce")
-        with self._errors(what):
-            req = comm.Iallreduce(self.MPI.IN_PLACE, buf, self._op(base))
-        self._complete(req, what, buf)
+        self._collective(comm, "Allreduce", (self.MPI.IN_PLACE, buf, self._op(base)), what,
+                         buf)
         if op == "avg":
             work.div_(comm.Get_size())
         if work is not tensor:
@@ -461,13 +513,13 @@ class MPITransport(Transport):
         send = inp.to(torch.float32) if staged else inp
         recv = torch.empty(out.numel(), dtype=torch.float32) if staged else out
         sendbuf, recvbuf = self._typed(send, "reduce_scatter"), self._typed(recv, "reduce_scatter")
-        what = f"mpi rank {self.rank} native reduce_scatter ({op}, {out.dtype})"
-        with self._errors(what):
-            if len(set(counts)) == 1:
-                req = comm.Ireduce_scatter_block(sendbuf, recvbuf, self._op(base))
-            else:
-                req = comm.Ireduce_scatter(sendbuf, recvbuf, counts, self._op(base))
-        self._complete(req, what, sendbuf, recvbuf)
+        what = f"rank {self.rank}: reduce_scatter (native) over mpi ({op}, {out.dtype})"
+        if len(set(counts)) == 1:
+            self._collective(comm, "Reduce_scatter_block", (sendbuf, recvbuf, self._op(base)),
+                             what, sendbuf, recvbuf)
+        else:
+            self._collective(comm, "Reduce_scatter",
+                             (sendbuf, recvbuf, counts, self._op(base)), what, sendbuf, recvbuf)
         if op == "avg":
             recv.div_(size)
         if recv is not out:
@@ -480,29 +532,40 @@ class MPITransport(Transport):
         send = self._bytes(inp, "all_gather input")
         recv = self._bytes(out, "all_gather output")
         byte = self.MPI.BYTE
-        what = f"mpi rank {self.rank} native all_gather"
+        what = f"rank {self.rank}: all_gather (native) over mpi"
         if counts is None or len(set(counts)) == 1:
             if out.numel() != size * inp.numel():
                 raise TransportError(f"mpi all_gather: output holds {out.numel()} elements, "
                                      f"{size} x {inp.numel()} needed")
-            with self._errors(what):
-                req = comm.Iallgather([send, byte], [recv, byte])
-            self._complete(req, what, send, recv)
+            self._collective(comm, "Allgather", ([send, byte], [recv, byte]), what, send, recv)
             return
         if len(counts) != size or counts[me] != inp.numel() or sum(counts) != out.numel():
             raise TransportError(f"mpi all_gather: counts {counts} do not fit input "
                                  f"{inp.numel()} / output {out.numel()} on {size} ranks")
         rcounts, rdispls = _byte_layout(counts, out.element_size(), "all_gather")
-        with self._errors(what):
-            req = comm.Iallgatherv([send, byte], [recv, rcounts, rdispls, byte])
-        self._complete(req, what, send, recv)
+        self._collective(comm, "Allgatherv", ([send, byte], [recv, rcounts, rdispls, byte]),
+                         what, send, recv)
 
     def _broadcast(self, comm: Any, tensor: torch.Tensor, root: int) -> None:
         buf = self._bytes(tensor, "broadcast")
-        what = f"mpi rank {self.rank} native broadcast from member {root}"
-        with self._errors(what):
-            req = comm.Ibcast([buf, self.MPI.BYTE], root=root)
-        self._complete(req, what, buf)
+        what = f"rank {self.rank}: broadcast (native) over mpi from member {root}"
+        self._collective(comm, "Bcast", ([buf, self.MPI.BYTE], root), what, buf)
+
+
+def _loaded_libmpi() -> ctypes.CDLL | None:
+    """The MPI library this process has loaded (the one mpi4py uses), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if re.search(r"/libmpi\.so(\.\d+)*$", path):
+            try:
+                return ctypes.CDLL(path)  # dlopen of a loaded library: the same handle
+            except OSError:
+                return None
+    return None
 
 
 def _base_op(op: str, tensor: torch.Tensor) -> str:
