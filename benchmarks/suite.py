@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .regret import format_accuracy, regret_rows, summary
@@ -72,7 +72,7 @@ def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Swe
 
 
 UNEVEN_SWEEPS = [
-    Sweep("uneven_allreduce", "gloo", "all_reduce", "all", "4K,1M", 2, True),
+    Sweep("uneven_allreduce", "gloo", "all_reduce", "all", "4K,1M,16M", 2, True),
     Sweep("uneven_alltoallv", "gloo", "all_to_all_v", "all", "8K,256K", 2, True),
 ]
 
@@ -153,6 +153,26 @@ def tuner_proof(out: Path, cluster: bool, layout: str, full: bool) -> list[Path]
         return measured + [run_sweep(s, out, tag, cluster, layout) for s in regret]
     finally:
         os.environ.pop("TOPOCOLL_TUNING_FILE")  # made for this shape only
+
+
+def check_simulator(out: Path) -> None:
+    """The simulator, given this run's profile, against the measured 2x4 and 3+5 rows."""
+    profile_path = out / "profile.json"
+    if not profile_path.exists():
+        return
+    report = []
+    for layout, pattern in (("4,4", "measure_*.jsonl"), ("3,5", "uneven_*.jsonl")):
+        files = sorted(str(p) for p in out.glob(pattern))
+        if not files:
+            continue
+        done = subprocess.run([sys.executable, "-m", "topocoll", "simulate", "--profile",
+                               str(profile_path), "--layout", layout, "--compare", *files],
+                              capture_output=True, text=True, timeout=600)
+        report.append(f"$ topocoll simulate --profile profile.json --layout {layout} "
+                      f"--compare {' '.join(Path(f).name for f in files)}\n{done.stdout}")
+    text = "\n".join(report)
+    (out / "simulator_check.txt").write_text(text)
+    print("\n" + text, flush=True)
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -264,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                 cluster_up(2, 4, rails=2, rate=args.rate, burst=args.burst)
                 paths += [run_sweep(s, out, "", True, "4,4") for s in RAIL_SWEEPS]
             cluster_up(layout="3,5", rate=args.rate, burst=args.burst)
-            paths += [run_sweep(s, out, "", True, "3,5") for s in UNEVEN_SWEEPS]
+            measured_profile = out / "profile.json"
+            uneven = [replace(s, profile=str(measured_profile)) if measured_profile.exists()
+                      else s for s in UNEVEN_SWEEPS]
+            paths += [run_sweep(s, out, "", True, "3,5") for s in uneven]
+            check_simulator(out)
         finally:
             cluster_down()
     else:
