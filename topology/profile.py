@@ -58,11 +58,13 @@ class LinkProfile:
 
     def alpha_with(self, messages: int) -> float:
         """Latency of a message sharing its resource with `messages - 1` others: linear
-        between the one-flow and the measured `flows`-flow latency (and beyond it)."""
+        between the one-flow and the measured `flows`-flow latency, and held there beyond
+        it (what was not measured is not extrapolated: a crowd of tiny messages is paid
+        for by the per-step overhead instead)."""
         if messages <= 1 or self.shared_alpha_us is None or self.flows <= 1:
             return self.alpha_us
         extra = max(self.shared_alpha_us - self.alpha_us, 0.0) / (self.flows - 1)
-        return self.alpha_us + extra * (messages - 1)
+        return self.alpha_us + extra * (min(messages, self.flows) - 1)
 
     @property
     def duplex_beta(self) -> float:
