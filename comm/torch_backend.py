@@ -33,7 +33,11 @@ from .bootstrap import StoreBootstrap
 from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
 from .executor import LevelTransports
 from .transports.shm import SharedMemoryTransport, host_identity
-from .transports.torch_pg import TorchPGTransport
+from .transports.torch_pg import (
+    TorchPGTransport,
+    reverse_gloo_group,
+    split_directions_wanted,
+)
 from .tuning import load_for_job
 
 BACKEND_NAME = "topocoll"
@@ -142,8 +146,12 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
         kind = self._kind(device)
         comm = self._comms.get(kind)
         if comm is None:
+            reverse = None
+            if kind == "cpu" and split_directions_wanted("gloo"):
+                reverse = reverse_gloo_group(dist.PrefixStore(f"topocoll-{kind}", self._store),
+                                             self.rank(), self.size(), self._timeout)
             inter = TorchPGTransport(self.inner(kind), store=dist.PrefixStore(
-                f"topocoll-sub-{kind}", self._store), timeout=self._timeout)
+                f"topocoll-sub-{kind}", self._store), timeout=self._timeout, reverse=reverse)
             intra_mode = os.environ.get("TOPOCOLL_INTRA", "shm")
             if kind == "cpu" and intra_mode == "shm":
                 job = self._bootstrap.broadcast_json(job_id())

@@ -259,9 +259,16 @@ def test_uneven_layout_with_two_rails(state_file: Path) -> None:
                               f"n{node.index}r{rail}")
             for qdisc in (node_side, switch_side):
                 assert "tbf" in qdisc and "rate 1Gbit" in qdisc, qdisc
+            node_link = _sh("ip", "-n", node.namespace, "-o", "link", "show", f"eth{rail}")
+            switch_link = _sh("ip", "-n", SWITCH_NS, "-o", "link", "show",
+                              f"n{node.index}r{rail}")
+            for link in (node_link, switch_link):
+                assert f"mtu {state.mtu} " in link and state.mtu == 9000, link
     for rail in range(2):
         ports = _sh("ip", "-n", SWITCH_NS, "-o", "link", "show", "master", f"br{rail}")
         assert f"n0r{rail}@" in ports and f"n1r{rail}@" in ports
+        bridge = _sh("ip", "-n", SWITCH_NS, "-o", "link", "show", f"br{rail}")
+        assert f"mtu {state.mtu} " in bridge, bridge
     hosts = Path("/etc/netns", state.nodes[1].namespace, "hosts").read_text()
     assert "10.77.0.1 node0" in hosts
 

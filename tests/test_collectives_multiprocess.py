@@ -53,3 +53,18 @@ def test_every_algorithm_matches_numpy(transport, intra, layout, quick, capfd,
     assert result.returncode == 0, (f"{transport}/{intra} on {layout}: rank "
                                     f"{result.failed_rank} failed:\n{result.stderr_tail}")
     assert "COLLECTIVE-CHECKS OK rank=0" in out, out[-2000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("transport, layout", [("gloo", "2,3"), ("shm", "4")])
+def test_phased_executor_matches_numpy(transport, layout, capfd, no_leaked_segments):
+    """The default executor runs by dependencies; the phase-by-phase one (the schedule's
+    literal semantics, `TOPOCOLL_EXECUTOR=phased`) must stay correct too."""
+    n = sum(int(x) for x in layout.split(","))
+    result = launch_local(n, [str(CHECKS), transport, "shm"], 200,
+                          {"TOPOCOLL_TOPOLOGY": layout, "TOPOCOLL_EXECUTOR": "phased"})
+    out = capfd.readouterr().out
+    assert result.returncode == 0, (f"phased {transport} on {layout}: rank "
+                                    f"{result.failed_rank} failed:\n{result.stderr_tail}")
+    assert "COLLECTIVE-CHECKS OK rank=0" in out, out[-2000:]
