@@ -95,3 +95,29 @@ def test_split_is_for_gloo_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch
     assert split_directions_wanted("gloo") and not split_directions_wanted("nccl")
     monkeypatch.setenv(torch_pg.SPLIT_ENV, "0")
     assert not split_directions_wanted("gloo")
+
+
+def test_executor_mode_follows_the_transport_unless_set(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Dataflow by default; phased under MPI (its data moves only inside MPI calls);
+    TOPOCOLL_EXECUTOR wins over both."""
+    from topocoll.comm.executor import Executor, LevelTransports
+    from topocoll.comm.transports.base import Transport
+
+    class _Plain(Transport):
+        def isend(self, tensor, peer, tag):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        irecv = isend
+
+    class _MPILike(_Plain):
+        preferred_executor = "phased"
+
+    monkeypatch.delenv("TOPOCOLL_EXECUTOR", raising=False)
+    plain, mpi_like = _Plain(0, 2), _MPILike(0, 2)
+    assert Executor(0, LevelTransports(intra=plain, inter=plain)).mode == "dataflow"
+    assert Executor(0, LevelTransports(intra=plain, inter=mpi_like)).mode == "phased"
+    monkeypatch.setenv("TOPOCOLL_EXECUTOR", "dataflow")
+    assert Executor(0, LevelTransports(intra=plain, inter=mpi_like)).mode == "dataflow"
+    from topocoll.comm.transports.mpi import MPITransport
+    assert MPITransport.preferred_executor == "phased"

@@ -100,6 +100,7 @@ class Transport(abc.ABC):
     """Point-to-point messaging between the ranks of one job, by global rank."""
 
     name: str = "transport"
+    preferred_executor: str = "dataflow"  # the executor mode when TOPOCOLL_EXECUTOR is unset
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank

@@ -202,6 +202,7 @@ class MPITransport(Transport):
     """Point-to-point and native collectives over an mpi4py communicator."""
 
     name = "mpi"
+    preferred_executor = "phased"  # data moves only inside MPI calls (see Executor)
 
     def __init__(self, comm: Any = None, timeout: float | None = None,
                  blocking_natives: bool | None = None) -> None:
