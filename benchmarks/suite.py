@@ -218,6 +218,8 @@ def summarize(rows: list[dict]) -> str:
               "alltoall", "native", 8 << 10)
     ratio("64 MiB hierarchical all-reduce: 2 rails vs 1 rail (Gloo)", "rails2_allreduce",
           "hierarchical", "allreduce_large", "hierarchical", mib64)
+    ratio("64 MiB hierarchical all-reduce: 2 rails vs 1 rail (MPI)", "rails2_mpi_allreduce",
+          "hierarchical", "mpi_allreduce", "hierarchical", mib64)
     ratio("64 MiB Gloo native all-reduce: 2 rails vs 1 rail", "rails2_allreduce", "native",
           "allreduce_large", "native", mib64)
     ratio("64 MiB Open MPI native all-reduce: 2 rails vs 1 rail", "rails2_mpi_allreduce",
