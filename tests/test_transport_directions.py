@@ -45,6 +45,9 @@ class _Group:
         self.calls.append(("recv", peer, tag))
         return _Work()
 
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown", -1, -1))
+
 
 def _done(handle: Any) -> bool:
     """The handle completes (its wait runs on a helper thread)."""
@@ -88,6 +91,17 @@ def test_without_a_reverse_group_everything_uses_the_one_group() -> None:
         assert _done(transport.isend(torch.ones(2), peer, 1))
         assert _done(transport.irecv(torch.ones(2), peer, 1))
     assert len(forward.calls) == 6
+
+
+def test_close_shuts_the_reverse_group_down_once() -> None:
+    """The transport made the reverse group, so it shuts it down: left to interpreter
+    teardown, a Gloo group can die with its threads running (the process aborts)."""
+    transport, forward, reverse = _transport(1, 2, True)
+    transport.close()
+    transport.close()
+    assert reverse.calls == [("shutdown", -1, -1)] and forward.calls == []
+    assert _done(transport.isend(torch.ones(1), 0, 1))  # after close: the one group
+    assert forward.calls == [("send", 0, 1)]
 
 
 def test_split_is_for_gloo_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

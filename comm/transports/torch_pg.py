@@ -130,6 +130,15 @@ class TorchPGTransport(Transport):
                 return str(value).lower()
         return dist.get_backend(self.group)
 
+    def close(self) -> None:
+        """Shut the reverse group down (we made it): left to interpreter teardown, a Gloo
+        group can be destroyed while its threads still run, and the process aborts with
+        `terminate called without an active exception` (seen in the DDP example)."""
+        reverse, self.reverse = self.reverse, None
+        if reverse is not None:
+            with contextlib.suppress(Exception):
+                reverse.shutdown()
+
     def _direction(self, sender: int, receiver: int) -> Any:
         """The group a message from `sender` to `receiver` travels on (both sides agree)."""
         if self.reverse is not None and sender > receiver:
