@@ -183,7 +183,7 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
             dist.init_process_group(name, store=store, rank=bootstrap.rank,
                                     world_size=bootstrap.world_size, timeout=wait)
         reverse = None
-        if split_directions_wanted(name) and store is not None:
+        if split_directions_wanted(name):
             reverse = reverse_gloo_group(store, bootstrap.rank, bootstrap.world_size, wait)
         return TorchPGTransport(timeout=wait, reverse=reverse), store
     if name == "mpi":

@@ -19,12 +19,12 @@ What `cluster_up` creates (2 nodes, 2 rails)::
   10.77.k.(i+1) on it. Each rail is a network of its own, as NIC rails are;
 - both ends of every veth shaped with `tbf rate RATE burst 32kb latency 50ms`: the node
   side limits what a node sends, the switch side what it receives, like a real NIC.
-  Every veth and bridge carries jumbo frames (MTU 9000 by default, as cluster fabrics
-  do): at 1500 bytes this 2-core machine spends the link's time in per-packet kernel work
-  (one bulk flow 107 MB/s instead of 124, Gloo's 64 MiB all-reduce 1.6 s instead of
-  1.0 s), so the shaper, not the CPU, must be what limits a flow;
   tbf lets `burst` bytes through at line speed, so it is kept small beside the messages
   we time and recorded in the state (a physical bound may add it back);
+- jumbo frames on every veth and bridge (MTU 9000 by default, as cluster fabrics use):
+  at 1500 bytes this 2-core machine spends the link's time in per-packet kernel work
+  (one bulk flow 107 MB/s instead of 124, Gloo's 64 MiB all-reduce 1.6 s instead of
+  1.0 s), and the shaper, not the CPU, must be what limits a flow;
 - `/etc/netns/tc-node<i>/hosts` naming every node, so `node1` resolves inside the
   namespaces (`ip netns exec` mounts it over /etc/hosts; the machine's own file is not
   touched).
