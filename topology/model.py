@@ -85,8 +85,9 @@ class Topology:
         """Consecutive ranks per node: layout (2, 3) = ranks 0-1 on node 0, 2-4 on node 1."""
         if not layout or any(int(n) <= 0 for n in layout):
             raise ValueError(f"layout needs positive ranks per node, got {list(layout)}")
-        if sum(int(n) for n in layout) > MAX_RANKS:
-            raise ValueError(f"layout of {sum(int(n) for n in layout)} ranks is beyond "
+        ranks = sum(int(n) for n in layout)
+        if ranks > MAX_RANKS:
+            raise ValueError(f"layout of {ranks} ranks is beyond "
                              f"{MAX_RANKS} (not a job this library can describe)")
         node_of = tuple(i for i, n in enumerate(layout) for _ in range(int(n)))
         return cls(node_of=node_of, rails=rails, **kw)

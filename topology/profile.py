@@ -43,8 +43,9 @@ class LinkProfile:
     shared_beta_us_per_byte: float
     r2: float | None = None
     flows: int = 1
-    # One pair sending both ways at once over one connection (measured: on a shaped TCP
-    # link the ACKs of each direction queue behind the other's data). None = beta.
+    # One pair sending both ways at once (measured on the emulated cluster: one Gloo
+    # connection carrying both directions got 72-105 MB/s each way, two connections, one
+    # per direction, the line rate; shaper queue depth made no difference). None = beta.
     duplex_beta_us_per_byte: float | None = None
     # Latency when `flows` messages cross the shared resource at once (the transport's
     # per-message cost under load: CPU, the TCP stack, the shaper's queue). None = alpha.
