@@ -26,7 +26,7 @@ from .executor import Executor, LevelTransports
 from .schedule import Schedule
 from .selection import Choice, choose, default_params
 from .transports.base import Transport
-from .transports.shm import SharedMemoryTransport, host_identity
+from .transports.shm import SharedMemoryTransport, host_identity, shm_namespace
 from .validation import (
     TORCH_DTYPES,
     Agreement,
@@ -95,7 +95,7 @@ class Communicator:
         if topology is None:
             topology = topology_from_env(bootstrap.world_size) or Topology.from_hosts(hosts)
         if intra == "shm":
-            job = bootstrap.broadcast_json(job_id())
+            job = bootstrap.broadcast_json(shm_namespace(job_id()))
             intra_transport: Transport = SharedMemoryTransport(
                 bootstrap.rank, bootstrap.world_size, job, hosts)
         elif intra == "same":

@@ -38,6 +38,7 @@ from .transports.base import (
     Transport,
     TransportError,
 )
+from .transports.wakeup import bells_of, sleep_until_rung
 
 _INPLACE = {
     "sum": lambda a, b: a.add_(b),
@@ -225,13 +226,14 @@ class Executor:
             if progressed:
                 backoff.reset()
                 continue
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 if inflight:
                     handle, op = inflight[0]
                     raise self._timeout(op.phase, what, handle, op.step, len(inflight))
                 raise CollectiveTimeoutError(f"rank {self.rank}: {what} made no progress for "
                                              f"{self.timeout:.1f} s")
-            backoff.pause()
+            _idle([handle for handle, _ in inflight], backoff, deadline - now)
 
     def _view(self, views: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
         return views[region.buf][region.offset:region.end]
@@ -324,10 +326,11 @@ class Executor:
                         raise _in_context(exc, f"rank {self.rank}: {what} phase {index}"
                                           ) from exc
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 handle, step = next((h, s) for h, s in remaining if not h.blocking)
                 raise self._timeout(index, what, handle, step, len(remaining))
-            backoff.pause()
+            _idle([handle for handle, _ in remaining], backoff, deadline - now)
 
     def _timeout(self, index: int, what: str, handle: Handle, step: object,
                  pending: int) -> CollectiveTimeoutError:
@@ -360,6 +363,17 @@ class Executor:
         transport.native(NativeCall(step.collective, step.group, self._view(views, step.src),
                                     self._view(views, step.dst), step.counts, step.op,
                                     step.root))
+
+
+def _idle(pending: list[Handle], backoff: Backoff, left: float) -> None:
+    """Nothing progressed: sleep on the pending handles' bells when they all have one
+    (shared memory, Gloo), else back off and poll again (MPI, UCX progress only when
+    polled)."""
+    bells = bells_of(pending)
+    if bells is None:
+        backoff.pause()
+    else:
+        sleep_until_rung(bells, left)
 
 
 def _in_context(exc: TransportError, where: str) -> TransportError:

@@ -199,9 +199,9 @@ def _make_transport(name: str, bootstrap: Bootstrap, store: Any, timeout: float
 
         return UCXTransport(bootstrap, timeout=timeout), store
     if name == "shm":
-        from .transports.shm import SharedMemoryTransport, host_identity
+        from .transports.shm import SharedMemoryTransport, host_identity, shm_namespace
 
         hosts = bootstrap.all_gather_json(host_identity())
-        job = bootstrap.broadcast_json(job_id())
+        job = bootstrap.broadcast_json(shm_namespace(job_id()))
         return SharedMemoryTransport(bootstrap.rank, bootstrap.world_size, job, hosts), store
     raise JobSetupError(f"unknown transport {name!r}")

@@ -32,7 +32,7 @@ from topocoll.topology import Topology, topology_from_env
 from .bootstrap import StoreBootstrap
 from .communicator import DEFAULT_TIMEOUT, Communicator, job_id
 from .executor import LevelTransports
-from .transports.shm import SharedMemoryTransport, host_identity
+from .transports.shm import SharedMemoryTransport, host_identity, shm_namespace
 from .transports.torch_pg import (
     TorchPGTransport,
     reverse_gloo_group,
@@ -154,7 +154,7 @@ class ProcessGroupTopocoll(dist.ProcessGroup):
                 f"topocoll-sub-{kind}", self._store), timeout=self._timeout, reverse=reverse)
             intra_mode = os.environ.get("TOPOCOLL_INTRA", "shm")
             if kind == "cpu" and intra_mode == "shm":
-                job = self._bootstrap.broadcast_json(job_id())
+                job = self._bootstrap.broadcast_json(shm_namespace(job_id()))
                 intra = SharedMemoryTransport(self.rank(), self.size(), job, self._hosts)
             else:  # CUDA tensors: NCCL inside the node too (CUDA IPC comes later)
                 intra = inter

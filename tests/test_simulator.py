@@ -69,7 +69,7 @@ def test_simulate_command_writes_markdown_and_json(tmp_path) -> None:
     for algo in algorithm_names("all_reduce") + algorithm_names("all_to_all"):
         assert algo in text
     rows = [json.loads(line) for line in js.read_text().splitlines()]
-    assert len(rows) == 3 * (6 + 3)  # 3 sizes x (6 all-reduce + 3 all-to-all algorithms)
+    assert len(rows) == 3 * (6 + 4)  # 3 sizes x (6 all-reduce + 4 all-to-all algorithms)
     assert all(r["predicted_us"] > 0 and r["world_size"] == 32 for r in rows)
 
 

@@ -40,6 +40,9 @@ class Handle(abc.ABC):
     """
 
     blocking = False
+    # A `wakeup.Bell` rung whenever this handle may have progressed (None: it must be
+    # polled). When every pending handle has one, the executor sleeps on them.
+    bell: object | None = None
 
     @abc.abstractmethod
     def test(self) -> bool:

@@ -11,6 +11,10 @@ Layout of a segment: int64 `head` (bytes ever written) at byte 0, int64 `tail` (
 ever read) at byte 64 (its own cache line), data from byte 128. On x86 the stores that
 fill the data are visible before the store that advances `head` (TSO).
 
+A receiver with nothing to do sleeps on its bell (`wakeup.FifoBell`, one FIFO per rank
+and transport) instead of polling: a sender rings the receiver after writing, a receiver
+rings the sender after freeing space.
+
 The transport refuses peers whose host differs: the emulated cluster's namespaces share
 /dev/shm, and using it across them would bypass the network being measured.
 """
@@ -20,14 +24,16 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .base import Handle, Transport, TransportError, as_bytes
+from .wakeup import FifoBell, FifoRinger
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "topocoll-"
@@ -36,8 +42,9 @@ DEFAULT_CAPACITY = int(os.environ.get("TOPOCOLL_SHM_CHANNEL_BYTES", 1 << 20))
 
 
 class _Channel:
-    def __init__(self, path: Path, capacity: int) -> None:
+    def __init__(self, path: Path, capacity: int, wake_peer: Callable[[], None]) -> None:
         self.path = path
+        self.wake_peer = wake_peer  # rings the other side (this process is one side only)
         self.capacity = capacity
         size = HEADER + capacity
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -93,6 +100,7 @@ class _SendHandle(Handle):
             _ring_write(ch, head, self.data[self.done_bytes:self.done_bytes + n])
             ch.header[0] = head + n
             self.done_bytes += n
+            ch.wake_peer()
         return True
 
     def describe(self) -> str:
@@ -120,6 +128,8 @@ class _RecvHandle(Handle):
             _ring_read(ch, tail, self.data[self.done_bytes:self.done_bytes + n])
             ch.header[8] = tail + n
             self.done_bytes += n
+            if _sender_may_wait(ch, avail, self.done_bytes < total):
+                ch.wake_peer()
         return True
 
     def describe(self) -> str:
@@ -155,6 +165,8 @@ class _RecvReduceHandle(_RecvHandle):
             _ring_read(ch, tail, stage_bytes[self.pending:self.pending + n])
             ch.header[8] = tail + n
             self.done_bytes += n
+            if _sender_may_wait(ch, avail, self.done_bytes < total):
+                ch.wake_peer()
             filled = self.pending + n
             whole = filled // self.itemsize
             if whole:
@@ -166,6 +178,13 @@ class _RecvReduceHandle(_RecvHandle):
             if self.pending:
                 stage_bytes[:self.pending] = stage_bytes[whole * self.itemsize:filled]
         return True
+
+
+def _sender_may_wait(ch: _Channel, avail_before: int, message_unfinished: bool) -> bool:
+    """Whether a read freed space a blocked sender waits for: the ring was full, or the
+    message still has bytes the sender has not written (then it is blocked or about to
+    write). A small message read whole needs no ring back: its sender is long done."""
+    return message_unfinished or avail_before >= ch.capacity
 
 
 _REDUCE_INPLACE = {
@@ -210,13 +229,19 @@ class SharedMemoryTransport(Transport):
         super().__init__(rank, world_size)
         if len(hosts) != world_size:
             raise ValueError(f"shm: {len(hosts)} host ids for {world_size} ranks")
-        if not job_id.isalnum():
-            raise ValueError(f"shm: job id must be alphanumeric, got {job_id!r}")
+        if not all(part.isalnum() for part in job_id.split("-")):
+            raise ValueError(f"shm: job id must be alphanumeric words joined by '-', got "
+                             f"{job_id!r}")
         self.job_id = job_id
         self.hosts = list(hosts)
         self.capacity = capacity
         self._channels: dict[tuple[int, int, int], _Channel] = {}
         self._stages: dict[tuple[int, int], torch.Tensor] = {}  # one per incoming channel
+        self.bell = FifoBell(self._bell_path(rank))
+        self._ringer = FifoRinger()
+
+    def _bell_path(self, rank: int) -> Path:
+        return SHM_DIR / f"{PREFIX}{self.job_id}-bell-{rank}"
 
     def _channel(self, src: int, dst: int, tag: int) -> _Channel:
         key = (src, dst, tag)
@@ -229,17 +254,22 @@ class SharedMemoryTransport(Transport):
                     f"{self.hosts[peer]!r}, not {self.hosts[self.rank]!r}; use a network "
                     "transport between nodes")
             name = f"{PREFIX}{self.job_id}-{src}-{dst}-{tag}"
-            channel = _Channel(SHM_DIR / name, self.capacity)
+            bell = self._bell_path(peer)
+            channel = _Channel(SHM_DIR / name, self.capacity,
+                               lambda: self._ringer.ring(bell))
             self._channels[key] = channel
         return channel
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         handle = _SendHandle(self._channel(self.rank, peer, tag), _host_bytes(tensor), peer)
+        handle.bell = self.bell
         handle.test()
         return handle
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
-        return _RecvHandle(self._channel(peer, self.rank, tag), _host_bytes(tensor), peer)
+        handle = _RecvHandle(self._channel(peer, self.rank, tag), _host_bytes(tensor), peer)
+        handle.bell = self.bell
+        return handle
 
     def irecv_reduce(self, target: torch.Tensor, op: str, peer: int, tag: int) -> Handle:
         """Receive `target.numel()` elements and fold them into `target` with `op`."""
@@ -250,7 +280,9 @@ class SharedMemoryTransport(Transport):
         if stage is None:
             stage = torch.empty(STAGE_BYTES, dtype=torch.uint8)
             self._stages[peer, tag] = stage
-        return _RecvReduceHandle(channel, target, op, peer, stage)
+        handle = _RecvReduceHandle(channel, target, op, peer, stage)
+        handle.bell = self.bell
+        return handle
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -258,6 +290,8 @@ class SharedMemoryTransport(Transport):
             with contextlib.suppress(FileNotFoundError):
                 channel.path.unlink()
         self._channels.clear()
+        self._ringer.close()
+        self.bell.close()
 
 
 def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -266,6 +300,14 @@ def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
     if not tensor.is_contiguous():
         raise TransportError("shm transport needs contiguous tensors")
     return as_bytes(tensor).numpy()
+
+
+def shm_namespace(job_id: str) -> str:
+    """The names of one transport instance's segments: the job id (so a launcher can
+    remove what a crashed job left) plus a fresh suffix, so two communicators of one job
+    (a torch sub-group beside the world group) never share a ring or a bell. Call on
+    every rank and broadcast the root's value."""
+    return f"{job_id}-{uuid.uuid4().hex[:8]}"
 
 
 def stale_segments(job_id: str | None = None) -> list[Path]:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .base import CollectiveTimeoutError, Handle, NativeCall, Transport, TransportError
+from .wakeup import PipeBell
 
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -52,11 +53,14 @@ class _WorkHandle(Handle):
     none of its own, and a thread blocked forever on a stalled peer would keep the
     process from exiting (the pool's threads are joined at interpreter exit)."""
 
-    def __init__(self, work: dist.Work, what: str, timeout: timedelta) -> None:
+    def __init__(self, work: dist.Work, what: str, timeout: timedelta, bell: PipeBell
+                 ) -> None:
         self.work = work
         self.what = what
         self.done = False
+        self.bell = bell
         self.future = _WAITERS.submit(work.wait, timeout)
+        self.future.add_done_callback(bell.ring)
 
     def test(self) -> bool:
         if self.done:
@@ -69,6 +73,15 @@ class _WorkHandle(Handle):
             raise _transport_error(self.what, exc) from exc
         self.done = True
         return True
+
+    def wait(self, timeout: float) -> None:
+        """Block on the helper thread (no polling)."""
+        try:
+            self.future.result(timeout)
+        except TimeoutError:
+            raise CollectiveTimeoutError(f"{self.what} timed out after {timeout:.1f} s"
+                                         ) from None
+        self.test()
 
     def describe(self) -> str:
         return self.what
@@ -119,6 +132,7 @@ class TorchPGTransport(Transport):
         self.store = store
         self.timeout = timeout
         self._subgroups: dict[tuple[int, ...], Any] = {}
+        self.bell = PipeBell()  # rung by the threads that wait on Gloo's work
 
     def _backend_name(self) -> str:
         for getter in ("name", "_get_backend_name"):
@@ -134,6 +148,7 @@ class TorchPGTransport(Transport):
         """Shut the reverse group down (we made it): left to interpreter teardown, a Gloo
         group can be destroyed while its threads still run, and the process aborts with
         `terminate called without an active exception` (seen in the DDP example)."""
+        self.bell.close()
         reverse, self.reverse = self.reverse, None
         if reverse is not None:
             with contextlib.suppress(Exception):
@@ -149,13 +164,13 @@ class TorchPGTransport(Transport):
         what = f"{self.name} send to rank {peer}"
         with self._failures(what):  # posting fails too once a peer's connection is gone
             work = self._direction(self.rank, peer).send([tensor], peer, tag)
-        return _WorkHandle(work, what, self.timeout)
+        return _WorkHandle(work, what, self.timeout, self.bell)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         what = f"{self.name} recv from rank {peer}"
         with self._failures(what):
             work = self._direction(peer, self.rank).recv([tensor], peer, tag)
-        return _WorkHandle(work, what, self.timeout)
+        return _WorkHandle(work, what, self.timeout, self.bell)
 
     @contextlib.contextmanager
     def _failures(self, what: str) -> Iterator[None]:
