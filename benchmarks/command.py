@@ -27,6 +27,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         warmup=args.warmup,
         check=args.check,
         profile=getattr(args, "profile", None),
+        timing=getattr(args, "timing", "call"),
     )
 
 
@@ -46,6 +47,8 @@ def _child_argv(args: argparse.Namespace, launcher: str) -> list[str]:
         argv += ["--profile", os.path.abspath(args.profile)]
     if getattr(args, "soak", None) is not None:
         argv += ["--soak", str(args.soak)]
+    if getattr(args, "timing", "call") != "call":
+        argv += ["--timing", args.timing]
     return argv
 
 

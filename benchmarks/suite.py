@@ -36,6 +36,7 @@ class Sweep:
     iters: int = 3
     check: bool = False
     profile: str | None = None  # rows get the cost model's predicted_us
+    timing: str = "call"  # "batch": back-to-back calls, nccl-tests style
 
 
 def sweeps(quick: bool) -> list[Sweep]:
@@ -44,6 +45,8 @@ def sweeps(quick: bool) -> list[Sweep]:
         Sweep("allreduce_small", "gloo", "all_reduce", "all,native", "4K,64K,1M", 3, True),
         Sweep("allreduce_large", "gloo", "all_reduce", "ring,hierarchical,native", big),
         Sweep("alltoall", "gloo", "all_to_all", "all,native", "8K,64K,512K", 5, True),
+        Sweep("alltoall_batch", "gloo", "all_to_all", "all,native", "8K", 10,
+              timing="batch"),
         Sweep("alltoallv", "gloo", "all_to_all_v", "all,native", "8K,512K", 3, True),
         Sweep("mpi_allreduce", "mpi", "all_reduce", "hierarchical,ring,native", big),
         Sweep("mpi_alltoall", "mpi", "all_to_all", "all,native", "8K,512K", 5, True),
@@ -83,6 +86,7 @@ def _bench_args(sweep: Sweep, launcher: str, json_path: Path) -> list[str]:
             "--sizes", sweep.sizes, "--iters", str(sweep.iters), "--warmup", "1",
             "--json", str(json_path), "--timeout", "240"]
     args += ["--profile", sweep.profile] if sweep.profile else []
+    args += ["--timing", sweep.timing] if sweep.timing != "call" else []
     return args + (["--check"] if sweep.check else [])
 
 
@@ -216,6 +220,10 @@ def summarize(rows: list[dict]) -> str:
     if best:
         ratio(f"all-to-all 1 KiB per peer: {best} vs Gloo native", "alltoall", best,
               "alltoall", "native", 8 << 10)
+    best = _best(rows, "alltoall_batch", 8 << 10)
+    if best:
+        ratio(f"all-to-all 1 KiB per peer, back-to-back calls: {best} vs Gloo native",
+              "alltoall_batch", best, "alltoall_batch", "native", 8 << 10)
     ratio("64 MiB hierarchical all-reduce: 2 rails vs 1 rail (Gloo)", "rails2_allreduce",
           "hierarchical", "allreduce_large", "hierarchical", mib64)
     ratio("64 MiB hierarchical all-reduce: 2 rails vs 1 rail (MPI)", "rails2_mpi_allreduce",

@@ -10,6 +10,11 @@ regions and at least one writes (read-after-write, write-after-read, write-after
 except two communication steps of the same phase, which the phase semantics make
 concurrent. Messages on one (direction, peer, tag) channel are posted in program order,
 since transports match them in order. A native collective orders everything around it.
+
+Consecutive copies of one phase that fill one contiguous destination (a pack, or a
+rank's output assembled from blocks) become one `CopyRun` op, executed as a single
+`torch.cat(..., out=)`: the node leader of `node_leader` assembles 36 blocks per call on
+2x4, and each separate op costs tens of microseconds of Python.
 """
 
 from __future__ import annotations
@@ -34,6 +39,50 @@ class Op:
     channel: tuple | None = None   # ("send"|"recv", peer, tag)
     deps: list[int] = field(default_factory=list)
     channel_prev: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRun:
+    """Copy `srcs`, in order, into the contiguous `dst` (their counts sum to its count)."""
+
+    dst: Region
+    srcs: tuple[Region, ...]
+
+
+def fuse_copies(local: list[Op]) -> list[Op]:
+    """Runs of adjacent `Copy` ops whose destinations follow each other in one buffer,
+    as one `CopyRun` op. A copy joins a run only if it reads nothing the run writes and
+    writes nothing the run reads, so the order inside the run does not matter."""
+    out: list[Op] = []
+    run: list[Op] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            dst = Region(run[0].step.dst.buf, run[0].step.dst.offset,
+                         sum(op.step.dst.count for op in run))
+            srcs = tuple(op.step.src for op in run)
+            out.append(Op(0, run[0].phase, LOCAL, CopyRun(dst, srcs), srcs, (dst,)))
+        run.clear()
+
+    for op in local:
+        step = op.step
+        if isinstance(step, Copy) and run:
+            last = run[-1].step.dst
+            adjacent = step.dst.buf == last.buf and step.dst.offset == last.end
+            independent = not any(step.src.overlaps(o.step.dst) or step.dst.overlaps(o.step.src)
+                                  for o in run) and not step.src.overlaps(step.dst)
+            if adjacent and independent:
+                run.append(op)
+                continue
+        flush()
+        if isinstance(step, Copy) and not step.src.overlaps(step.dst):
+            run.append(op)
+        else:
+            out.append(op)
+    flush()
+    return out
 
 
 def _conflict(a: Op, b: Op) -> bool:
@@ -89,7 +138,7 @@ def compile_program(program: RankProgram, fusable: Callable[[tuple], dict[int, R
             comm.append(Op(0, phase_index, LOCAL, Copy(recv.dst, send.src), (send.src,),
                            (recv.dst,)))
         ops.extend(comm)
-        ops.extend(local)
+        ops.extend(fuse_copies(local))
     last_on_channel: dict[tuple, int] = {}
     last_native: int | None = None
     for index, op in enumerate(ops):

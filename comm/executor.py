@@ -28,7 +28,7 @@ import torch
 
 from topocoll.topology import INTER, INTRA, SELF
 
-from .dataflow import COMM, LOCAL, NATIVE, Op, compile_program
+from .dataflow import COMM, LOCAL, NATIVE, CopyRun, Op, compile_program
 from .schedule import Copy, Native, RankProgram, Recv, Reduce, Region, Scale, Send
 from .transports.base import (
     Backoff,
@@ -145,6 +145,10 @@ class Executor:
                 dst, src = self._view(views, step.dst), self._view(views, step.src)
                 dst.copy_(src)
                 self.stats.bytes_copied += src.numel() * src.element_size()
+            elif isinstance(step, CopyRun):
+                dst = self._view(views, step.dst)
+                torch.cat([self._view(views, src) for src in step.srcs], out=dst)
+                self.stats.bytes_copied += dst.numel() * dst.element_size()
             elif isinstance(step, Scale):
                 self._view(views, step.dst).div_(step.divisor)
             return None

@@ -67,3 +67,32 @@ def test_wrong_column_catches_a_planted_error(tmp_path: Path, no_leaked_segments
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["wrong"] for r in rows] == [1, 1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(200)
+def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segments) -> None:
+    """`--timing batch`: rows say so, carry one sample per batch and are still verified
+    (all-reduce in place with prod: inputs refreshed per call, so no overflow)."""
+    from topocoll.benchmarks.harness import BATCHES
+    from topocoll.benchmarks.suite import Sweep, _bench_args
+
+    out = tmp_path / "rows.jsonl"
+    for collective, op in (("all_to_all", "sum"), ("all_reduce", "prod")):
+        cmd = [sys.executable, "-m", "topocoll", "bench", "--launcher", "local",
+               "--layout", "2,3", "--collective", collective, "--op", op,
+               "--algorithm", "native,all", "--sizes", "4K", "--iters", "10", "--warmup",
+               "1", "--timing", "batch", "--check", "--json", str(out), "--timeout", "120"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "back-to-back batches" in result.stdout
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert {r["algorithm"] for r in rows} == {"native", *algorithm_names(collective)}
+        for row in rows:
+            assert row["timing"] == "batch" and row["wrong"] == 0, row
+            assert len(row["samples_us"]) == BATCHES and row["time_us"] > 0
+    sweep = Sweep("x", "gloo", "all_to_all", "all", "8K", timing="batch")
+    args = _bench_args(sweep, "torchrun", tmp_path / "x.jsonl")
+    assert args[args.index("--timing") + 1] == "batch"
+    assert "--timing" not in _bench_args(Sweep("y", "gloo", "all_to_all", "all", "8K"),
+                                         "torchrun", tmp_path / "y.jsonl")

@@ -79,6 +79,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                         "tuning file in $TOPOCOLL_TUNING_FILE brings its own figures)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a stuck collective fails (and the job is killed)")
+    p.add_argument("--timing", choices=("call", "batch"), default="call",
+                   help="call: a barrier before every timed call, slowest rank per call "
+                        "(default); batch: back-to-back calls in 5 batches, nccl-tests style")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                    help="instead of a sweep: random collectives, algorithms, dtypes, ops and "
                         "sizes for MINUTES, every result verified; counts per collective and "
