@@ -226,3 +226,32 @@ def test_bells_of_needs_every_handle_to_have_one() -> None:
     finally:
         one.close()
         two.close()
+
+
+def test_gloo_handle_rings_its_bell_and_wait_is_bounded() -> None:
+    """The Gloo transport's handle: its helper thread rings the transport's bell when the
+    work completes; `wait` blocks on that thread and gives up at its timeout."""
+    from datetime import timedelta
+
+    from topocoll.comm.transports.base import CollectiveTimeoutError
+    from topocoll.comm.transports.torch_pg import _WorkHandle
+
+    release = threading.Event()
+
+    class _SlowWork:
+        def wait(self, timeout: object = None) -> bool:
+            return release.wait(30)
+
+    bell = PipeBell()
+    try:
+        handle = _WorkHandle(_SlowWork(), "gloo recv from rank 1", timedelta(seconds=30), bell)
+        assert handle.bell is bell and not handle.test()
+        with pytest.raises(CollectiveTimeoutError, match="recv from rank 1 timed out"):
+            handle.wait(0.05)
+        release.set()
+        handle.wait(30)
+        assert handle.test()
+        assert select.select([bell], [], [], 10)[0]  # the completion rang
+    finally:
+        release.set()
+        bell.close()

@@ -25,6 +25,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from typing import Any
 
@@ -78,7 +79,7 @@ class _WorkHandle(Handle):
         """Block on the helper thread (no polling)."""
         try:
             self.future.result(timeout)
-        except TimeoutError:
+        except FutureTimeout:  # the builtin TimeoutError only from Python 3.11
             raise CollectiveTimeoutError(f"{self.what} timed out after {timeout:.1f} s"
                                          ) from None
         self.test()
