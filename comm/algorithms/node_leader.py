@@ -14,7 +14,7 @@ messages are large: the tuner decides where.
 
 Layouts: leader of node a packs for node b the blocks (source s of a, destination d of
 b), sources in rank order, each source's destinations in rank order; it unpacks the
-pack of node b the same way. Copies of adjacent blocks are merged.
+pack of node b the same way.
 """
 
 from __future__ import annotations
@@ -28,23 +28,6 @@ from ..schedule import Copy, Recv, Region, Schedule, Send, Step
 TAG_GATHER = 1
 TAG_PACK = 2
 TAG_SCATTER = 3
-
-
-def merged_copies(pairs: list[tuple[Region, Region]]) -> list[Step]:
-    """`Copy(dst, src)` for each pair in order, adjacent ones merged into one copy."""
-    out: list[tuple[Region, Region]] = []
-    for dst, src in pairs:
-        if not dst.count:
-            continue
-        if out:
-            last_dst, last_src = out[-1]
-            if (last_dst.buf == dst.buf and last_dst.end == dst.offset
-                    and last_src.buf == src.buf and last_src.end == src.offset):
-                out[-1] = (Region(dst.buf, last_dst.offset, last_dst.count + dst.count),
-                           Region(src.buf, last_src.offset, last_src.count + src.count))
-                continue
-        out.append((dst, src))
-    return [Copy(dst, src) for dst, src in out]
 
 
 def _pack_offsets(m: list[list[int]], sources: tuple[int, ...], dests: tuple[int, ...]
@@ -108,15 +91,15 @@ def _plan_node(plan: Plan, scratch: Scratch, topology: Topology, spec: Collectiv
             return gathered[s].sub(spec.send_displs(s)[d], m[s][d])
         return incoming[node_of[s]].sub(packs[node_of[s], home][0][s, d], m[s][d])
 
-    pack_copies = [(region.sub(packs[home, b][0][s, d], m[s][d]), block(s, d))
-                   for b, region in outgoing.items() for s in ranks for d in nodes[b]
-                   if m[s][d]]
-    plan.add(leader, gather + merged_copies(pack_copies))
+    pack_copies: list[Step] = [
+        Copy(region.sub(packs[home, b][0][s, d], m[s][d]), block(s, d))
+        for b, region in outgoing.items() for s in ranks for d in nodes[b] if m[s][d]]
+    plan.add(leader, gather + pack_copies)
 
     exchange: list[Step] = [Send(nodes[b][0], region, TAG_PACK)
                             for b, region in outgoing.items()]
     exchange += [Recv(nodes[b][0], region, TAG_PACK) for b, region in incoming.items()]
-    assembly: list[tuple[Region, Region]] = []
+    assembly: list[Step] = []  # blocks in order: the executor fuses them into one copy
     scatter: list[Step] = []
     for d in ranks:
         total = sum(m[s][d] for s in range(p))
@@ -128,7 +111,7 @@ def _plan_node(plan: Plan, scratch: Scratch, topology: Topology, spec: Collectiv
         else:
             continue  # nothing for d but its own block, which d copies itself
         at = spec.recv_displs(d)
-        assembly += [(target.sub(at[s], m[s][d]), block(s, d)) for s in range(p)
+        assembly += [Copy(target.sub(at[s], m[s][d]), block(s, d)) for s in range(p)
                      if m[s][d] and (s != d or d == leader or sends[d])]
-    plan.add(leader, exchange + merged_copies(assembly))
+    plan.add(leader, exchange + assembly)
     plan.add(leader, scatter)
