@@ -60,7 +60,6 @@ class BenchOptions:
     timing: str = "call"  # "call" (barrier before every call) or "batch" (see module doc)
 
 
-TIMINGS = ("call", "batch")
 BATCHES = 5
 
 
@@ -130,9 +129,9 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
             run()
     except NotSupportedError:
         return None
-    samples = (_time_batches(comm, case, run, opts.collective, iterations(nbytes, opts.iters))
-               if opts.timing == "batch" else _time_calls(comm, case, run,
-                                                          iterations(nbytes, opts.iters)))
+    calls = iterations(nbytes, opts.iters)
+    samples = (_time_batches(comm, case, run, opts.collective, calls)
+               if opts.timing == "batch" else _time_calls(comm, case, run, calls))
     chosen = comm.last_choice.algorithm if comm.last_choice else algorithm
     wrong = 0
     if opts.check:

@@ -19,6 +19,7 @@ EXIT_USAGE = 2
 COLLECTIVE_CHOICES = ("all_reduce", "all_to_all", "all_to_all_v", "reduce_scatter",
                       "all_gather")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
+TIMING_CHOICES = ("call", "batch")  # benchmarks/harness.py: per call, or back-to-back
 OP_CHOICES = ("sum", "prod", "min", "max", "avg")
 TRANSPORT_CHOICES = ("gloo", "mpi", "ucx", "shm", "nccl")
 
@@ -79,7 +80,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                         "tuning file in $TOPOCOLL_TUNING_FILE brings its own figures)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a stuck collective fails (and the job is killed)")
-    p.add_argument("--timing", choices=("call", "batch"), default="call",
+    p.add_argument("--timing", choices=TIMING_CHOICES, default="call",
                    help="call: a barrier before every timed call, slowest rank per call "
                         "(default); batch: back-to-back calls in 5 batches, nccl-tests style")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",

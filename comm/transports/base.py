@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .wakeup import Bell
+
 
 class TransportError(RuntimeError):
     """A transport failed; the message names the rank, peer and operation."""
@@ -42,7 +44,7 @@ class Handle(abc.ABC):
     blocking = False
     # A `wakeup.Bell` rung whenever this handle may have progressed (None: it must be
     # polled). When every pending handle has one, the executor sleeps on them.
-    bell: object | None = None
+    bell: Bell | None = None
 
     @abc.abstractmethod
     def test(self) -> bool:
