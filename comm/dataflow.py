@@ -63,7 +63,9 @@ def fuse_copies(local: list[Op]) -> list[Op]:
             dst = Region(run[0].step.dst.buf, run[0].step.dst.offset,
                          sum(op.step.dst.count for op in run))
             srcs = tuple(op.step.src for op in run)
-            out.append(Op(0, run[0].phase, LOCAL, CopyRun(dst, srcs), srcs, (dst,)))
+            joined = _join_adjacent(srcs)
+            step = Copy(dst, joined[0]) if len(joined) == 1 else CopyRun(dst, joined)
+            out.append(Op(0, run[0].phase, LOCAL, step, srcs, (dst,)))
         run.clear()
 
     for op in local:
@@ -83,6 +85,20 @@ def fuse_copies(local: list[Op]) -> list[Op]:
             out.append(op)
     flush()
     return out
+
+
+def _join_adjacent(srcs: tuple[Region, ...]) -> tuple[Region, ...]:
+    """Sources that follow each other in one buffer as one region: a pack's blocks from
+    one source rank are often consecutive in its input, and every region is one more
+    tensor view per call."""
+    joined = [srcs[0]]
+    for src in srcs[1:]:
+        last = joined[-1]
+        if src.buf == last.buf and src.offset == last.end:
+            joined[-1] = Region(last.buf, last.offset, last.count + src.count)
+        else:
+            joined.append(src)
+    return tuple(joined)
 
 
 def _conflict(a: Op, b: Op) -> bool:

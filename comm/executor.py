@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -198,22 +198,12 @@ class Executor:
             if ready:
                 batch = sorted(ready)
                 ready.clear()  # finish() refills it with what becomes ready
-                for i in batch:
-                    op = ops[i]
-                    if op.channel_prev is not None and not posted[op.channel_prev]:
-                        ready.append(i)  # keep per-channel message order
-                        continue
-                    try:
-                        handle = self._start(op, views)
-                    except TransportError as exc:
-                        raise _in_context(exc, f"rank {self.rank}: {what} phase {op.phase}"
-                                          ) from exc
-                    posted[i] = True
-                    progressed = True
-                    if handle is None:
-                        finish(i)
-                    else:
-                        inflight.append((handle, op))
+                self.transports.intra.hold_wakeups()  # peers woken once the batch is out
+                try:
+                    progressed = self._post(batch, ops, views, what, posted, ready,
+                                            inflight, finish)
+                finally:
+                    self.transports.intra.release_wakeups()
             still = []
             for handle, op in inflight:
                 try:
@@ -237,7 +227,45 @@ class Executor:
                     raise self._timeout(op.phase, what, handle, op.step, len(inflight))
                 raise CollectiveTimeoutError(f"rank {self.rank}: {what} made no progress for "
                                              f"{self.timeout:.1f} s")
+            if inflight and all(handle.blocking for handle, _ in inflight):
+                self._block_on(inflight[0], len(inflight), deadline - now, what)
+                continue
             _idle([handle for handle, _ in inflight], backoff, deadline - now)
+
+    def _post(self, batch: list[int], ops: list[Op], views: Mapping[str, torch.Tensor],
+              what: str, posted: list[bool], ready: list[int],
+              inflight: list[tuple[Handle, Op]], finish: Callable[[int], None]) -> bool:
+        """Start the ready ops of `batch` (local ones run to completion); True if any did."""
+        progressed = False
+        for i in batch:
+            op = ops[i]
+            if op.channel_prev is not None and not posted[op.channel_prev]:
+                ready.append(i)  # keep per-channel message order
+                continue
+            try:
+                handle = self._start(op, views)
+            except TransportError as exc:
+                raise _in_context(exc, f"rank {self.rank}: {what} phase {op.phase}") from exc
+            posted[i] = True
+            progressed = True
+            if handle is None:
+                finish(i)
+            else:
+                inflight.append((handle, op))
+        return progressed
+
+    def _block_on(self, pending: tuple[Handle, Op], count: int, left: float, what: str
+                  ) -> None:
+        """Everything in flight completes without us (Gloo's own threads, MPI's progress
+        inside its calls): wait on the oldest in this thread, with no hand-off to a
+        helper thread and no wake-up on a bell."""
+        handle, op = pending
+        try:
+            handle.wait(max(left, 0.001))
+        except CollectiveTimeoutError as exc:
+            raise self._timeout(op.phase, what, handle, op.step, count) from exc
+        except TransportError as exc:
+            raise _in_context(exc, f"rank {self.rank}: {what} phase {op.phase}") from exc
 
     def _view(self, views: Mapping[str, torch.Tensor], region: Region) -> torch.Tensor:
         return views[region.buf][region.offset:region.end]
@@ -282,16 +310,13 @@ class Executor:
             end = start
             while end < len(ops) and ops[end].phase == phase:
                 end += 1
-            posted: list[tuple[Handle, object]] = []
+            self.transports.intra.hold_wakeups()  # peers woken once the phase is posted
+            try:
+                posted = self._post_phase(ops[start:end], views, what, phase)
+            finally:
+                self.transports.intra.release_wakeups()
             for op in ops[start:end]:
-                if op.kind == COMM:
-                    try:
-                        handle = self._start(op, views)
-                    except TransportError as exc:
-                        raise _in_context(exc, f"rank {self.rank}: {what} phase {phase}"
-                                          ) from exc
-                    posted.append((handle, op.step))
-                elif op.kind == NATIVE:
+                if op.kind == NATIVE:
                     try:
                         self._start(op, views)
                     except TransportError as exc:
@@ -302,6 +327,18 @@ class Executor:
                 if op.kind == LOCAL:
                     self._start(op, views)
             start = end
+
+    def _post_phase(self, ops: list[Op], views: Mapping[str, torch.Tensor], what: str,
+                    phase: int) -> list[tuple[Handle, object]]:
+        posted: list[tuple[Handle, object]] = []
+        for op in ops:
+            if op.kind == COMM:
+                try:
+                    handle = self._start(op, views)
+                except TransportError as exc:
+                    raise _in_context(exc, f"rank {self.rank}: {what} phase {phase}") from exc
+                posted.append((handle, op.step))
+        return posted
 
     def _wait_all(self, posted: list[tuple[Handle, object]], index: int, what: str) -> None:
         if not posted:

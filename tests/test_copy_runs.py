@@ -31,6 +31,21 @@ def test_adjacent_independent_copies_become_one_run() -> None:
     assert fused[0].reads == fused[0].step.srcs and fused[0].writes == (Region("tmp", 10, 9),)
 
 
+def test_sources_that_follow_each_other_are_read_as_one_region() -> None:
+    """A pack's blocks from one source are often consecutive in its input: one view, and
+    a run whose sources all join is a plain copy."""
+    ops = [_op(Region("tmp", 0, 3), Region("in", 4, 3)),
+           _op(Region("tmp", 3, 2), Region("in", 7, 2)),
+           _op(Region("tmp", 5, 1), Region("out", 0, 1)),
+           _op(Region("tmp", 6, 2), Region("in", 9, 2))]  # not next to out[0:1]
+    fused = fuse_copies(ops)
+    assert [op.step for op in fused] == [CopyRun(Region("tmp", 0, 8), (
+        Region("in", 4, 5), Region("out", 0, 1), Region("in", 9, 2)))]
+    assert fused[0].reads == tuple(op.step.src for op in ops)  # dependencies unchanged
+    whole = fuse_copies(ops[:2])
+    assert [op.step for op in whole] == [Copy(Region("tmp", 0, 5), Region("in", 4, 5))]
+
+
 @pytest.mark.parametrize("second", [
     Copy(Region("tmp", 14, 2), Region("in", 0, 2)),   # a gap after the first destination
     Copy(Region("out", 3, 2), Region("in", 0, 2)),    # another buffer

@@ -255,3 +255,78 @@ def test_gloo_handle_rings_its_bell_and_wait_is_bounded() -> None:
     finally:
         release.set()
         bell.close()
+
+
+class _GlooLikeWork:
+    """Gloo send/recv work: completion is known only to `wait`; records who waited."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.waiters: list[str] = []
+        self.error = error
+
+    def wait(self, timeout: object = None) -> bool:
+        self.waiters.append(threading.current_thread().name)
+        if self.error:
+            raise RuntimeError(self.error)
+        return True
+
+
+def test_gloo_handle_alone_is_waited_on_in_the_calling_thread() -> None:
+    """Never asked for its bell, the handle starts no helper thread: `wait` blocks in the
+    caller (no hand-off), and Gloo's own timeout error becomes ours, naming the peer."""
+    from datetime import timedelta
+
+    from topocoll.comm.transports.base import CollectiveTimeoutError
+    from topocoll.comm.transports.torch_pg import _WorkHandle
+
+    bell = PipeBell()
+    try:
+        work = _GlooLikeWork()
+        handle = _WorkHandle(work, "gloo send to rank 2", timedelta(seconds=5), bell)
+        assert handle.blocking and handle.future is None and not handle.test()
+        assert work.waiters == []  # nothing waits until someone asks
+        handle.wait(5)
+        assert handle.test() and work.waiters == [threading.current_thread().name]
+        assert handle.future is None and not _rung(bell)
+        stalled = _WorkHandle(_GlooLikeWork("Timed out waiting 5000ms for send operation"),
+                              "gloo send to rank 3", timedelta(seconds=5), bell)
+        with pytest.raises(CollectiveTimeoutError, match="send to rank 3 timed out"):
+            stalled.wait(5)
+    finally:
+        bell.close()
+
+
+class _BlockingHandle(_Handle):
+    blocking = True
+
+    def __init__(self, polls: int) -> None:
+        super().__init__(polls, None)
+        self.waited = 0
+
+    def wait(self, timeout: float) -> None:
+        self.waited += 1
+        self.left = 0
+
+
+class _BlockingTransport(_Transport):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.handles: list[_BlockingHandle] = []
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
+        self.handles.append(_BlockingHandle(1000))
+        return self.handles[-1]
+
+
+def test_dataflow_blocks_on_handles_when_nothing_else_is_in_flight(monkeypatch) -> None:
+    """Only blocking handles pending: the executor waits on them, oldest first, instead of
+    sleeping on bells or polling (which would never see Gloo work complete)."""
+    monkeypatch.setattr(executor_module, "sleep_until_rung",
+                        lambda bells, left: pytest.fail("slept on a bell"))
+    monkeypatch.setattr(Backoff, "pause", lambda self: pytest.fail("polled"))
+    transport = _BlockingTransport()
+    program = RankProgram(0, {"out": 8}, ((Recv(1, Region("out", 0, 4), 3),
+                                           Recv(1, Region("out", 4, 4), 4)),))
+    Executor(0, LevelTransports(transport, transport), 10, "dataflow").run(
+        program, {"out": torch.empty(8)})
+    assert [h.waited for h in transport.handles] == [1, 1]

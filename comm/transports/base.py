@@ -141,6 +141,13 @@ class Transport(abc.ABC):
     def native_all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         raise NotSupportedError(f"{self.name}: no native all_gather")
 
+    def hold_wakeups(self) -> None:
+        """Collect the wake-ups of peers that posting messages would send, until
+        `release_wakeups` (the executor brackets a batch of posts with the two)."""
+
+    def release_wakeups(self) -> None:
+        """Send the wake-ups collected since `hold_wakeups`."""
+
     def close(self) -> None:
         """Release what the transport holds (segments, endpoints)."""
 

@@ -260,6 +260,12 @@ class SharedMemoryTransport(Transport):
             self._channels[key] = channel
         return channel
 
+    def hold_wakeups(self) -> None:
+        self._ringer.hold()
+
+    def release_wakeups(self) -> None:
+        self._ringer.release()
+
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Handle:
         handle = _SendHandle(self._channel(self.rank, peer, tag), _host_bytes(tensor), peer)
         handle.bell = self.bell

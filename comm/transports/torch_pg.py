@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from typing import Any
@@ -47,27 +47,45 @@ _WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="topocoll-wait"
 
 
 class _WorkHandle(Handle):
-    """Gloo's send/recv work reports completion only from `wait()`, so a helper thread
-    waits (the GIL is released meanwhile) and `test()` polls that thread's future.
+    """Gloo's send/recv work reports completion only from `wait()`, so finding out costs
+    a blocked thread. Two ways, picked by what the executor needs:
 
-    The thread waits with the transport's timeout: Gloo's point-to-point `wait()` has
+    - alone (every pending handle is one of these), the executor blocks on `wait()` in
+      its own thread (`blocking`): no hand-off, no wake-up of a second thread. For a small
+      all-to-all's leader that is most of its waiting, and each hand-off costs a thread
+      switch on cores that eight ranks share;
+    - beside shared-memory or other pollable handles, the executor asks for a `bell`:
+      only then a helper thread waits (the GIL is released meanwhile), rings the bell when
+      done, and `test()` polls that thread's future.
+
+    Either wait is bounded by the transport's timeout: Gloo's point-to-point `wait()` has
     none of its own, and a thread blocked forever on a stalled peer would keep the
     process from exiting (the pool's threads are joined at interpreter exit)."""
+
+    blocking = True
 
     def __init__(self, work: dist.Work, what: str, timeout: timedelta, bell: PipeBell
                  ) -> None:
         self.work = work
         self.what = what
         self.done = False
-        self.bell = bell
-        self.future = _WAITERS.submit(work.wait, timeout)
-        self.future.add_done_callback(bell.ring)
+        self.timeout = timeout
+        self._bell = bell
+        self.future: Future[Any] | None = None
+
+    @property  # type: ignore[override]
+    def bell(self) -> PipeBell:
+        """The bell rung on completion; asking for it starts the helper thread's wait."""
+        if self.future is None and not self.done:
+            self.future = _WAITERS.submit(self.work.wait, self.timeout)
+            self.future.add_done_callback(self._bell.ring)
+        return self._bell
 
     def test(self) -> bool:
         if self.done:
             return True
-        if not self.future.done():
-            return False
+        if self.future is None or not self.future.done():
+            return False  # nobody is waiting yet: only wait() or the bell can tell
         try:
             self.future.result()
         except RuntimeError as exc:
@@ -76,7 +94,18 @@ class _WorkHandle(Handle):
         return True
 
     def wait(self, timeout: float) -> None:
-        """Block on the helper thread (no polling)."""
+        """Block until complete: on the helper thread's future if one waits already,
+        else on Gloo's own `wait()` right here (no polling either way)."""
+        if self.done:
+            return
+        if self.future is None:
+            limit = min(timedelta(seconds=max(timeout, 0.001)), self.timeout)
+            try:
+                self.work.wait(limit)
+            except RuntimeError as exc:
+                raise _transport_error(self.what, exc) from exc
+            self.done = True
+            return
         try:
             self.future.result(timeout)
         except FutureTimeout:  # the builtin TimeoutError only from Python 3.11

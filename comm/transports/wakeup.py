@@ -115,12 +115,32 @@ class FifoBell(Bell):
 
 
 class FifoRinger:
-    """Rings other processes' `FifoBell`s by path, keeping each write end open."""
+    """Rings other processes' `FifoBell`s by path, keeping each write end open.
+
+    Between `hold()` and `release()` rings are collected and sent together at the end:
+    a woken process can take the ringer's core at once (the scheduler favours a task
+    that slept), so a leader that posts three messages and rings after each is stopped
+    three times before its third message is out; held, it posts all three and then
+    wakes all three peers, who can run side by side."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._held: list[Path] | None = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        for path in held or ():
+            self.ring(path)
 
     def ring(self, path: Path) -> None:
+        if self._held is not None:
+            if path not in self._held:
+                self._held.append(path)
+            return
         fd = self._fds.get(path)
         if fd is None:
             fd = self._open(path)
