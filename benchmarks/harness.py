@@ -6,7 +6,7 @@ below 1 MiB, as OSU does). Two timings:
   slowest rank's, the row's time is the median over calls. Strict: on an oversubscribed
   machine the barrier's exit skew (ranks leave it as the scheduler wakes them) lands in
   the time of every call, milliseconds on 8 ranks over 2 cores.
-- `batch` (nccl-tests style): `BATCHES` batches of back-to-back calls, a barrier before
+- `batch` (nccl-tests style): up to `BATCHES` batches of back-to-back calls, a barrier before
   each batch only; a batch's per-call time is the slowest rank's batch time over its
   calls, the row's time the median over batches. What a training loop that issues one
   collective after another sees. In-place all-reduce inputs are refreshed before every
@@ -189,11 +189,13 @@ def _time_calls(comm: Any, case: Case, run: Callable[[], None], calls: int) -> l
 
 def _time_batches(comm: Any, case: Case, run: Callable[[], None], collective: str,
                   calls: int) -> list[float]:
-    """Microseconds per call of each of `BATCHES` batches of back-to-back calls."""
-    per_batch = max(1, calls // BATCHES)
+    """Microseconds per call of each of up to `BATCHES` batches of back-to-back calls
+    (`calls` in all: a large size timed three times is three batches of one)."""
+    batches = max(1, min(BATCHES, calls))
+    per_batch = max(1, calls // batches)
     refresh = case.reset if collective == "all_reduce" else None  # in place: inputs change
     samples = []
-    for _ in range(BATCHES):
+    for _ in range(batches):
         case.reset()
         comm.barrier()
         start = time.perf_counter()

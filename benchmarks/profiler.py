@@ -20,19 +20,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from topocoll.comm.schedule import Phase, RankProgram, Recv, Region, Send
 from topocoll.topology import Level, Topology, parse_topology
-from topocoll.topology.profile import LinkProfile, Profile, ProfileError, fit_alpha_beta
+from topocoll.topology.profile import (
+    LinkProfile,
+    Machine,
+    Profile,
+    ProfileError,
+    fit_alpha_beta,
+)
 
 from .launcher import launch_job
 from .sizes import format_size, parse_sizes
@@ -176,7 +184,8 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
         links=links, reduce_us_per_byte=reduce_cost, copy_us_per_byte=copy_cost,
         overhead_us=overhead, topology=topology, transport=job.transport, intra=job.intra,
         versions=job.versions(), samples=tuple(samples),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured")
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured",
+        machines=machines_of_job(job.bootstrap))
     for name, fig in sorted(links.items()):
         say(f"# {name}: alpha {fig.alpha_us:.1f} us ({fig.alpha_with(fig.flows):.1f} us under "
             f"{fig.flows} flows), {fig.bandwidth_gbs:.3f} GB/s one flow "
@@ -185,7 +194,27 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
             f"flows, fit r2 {fig.r2:.3f}")
     say(f"# per-step overhead {overhead:.1f} us, reduce {1e-3 / reduce_cost:.2f} GB/s, "
         f"copy {1e-3 / copy_cost:.2f} GB/s")
+    for machine in profile.machines:
+        say(f"# machine: ranks {list(machine.ranks)} share {machine.cores} core(s)")
     return profile
+
+
+def machines_of_job(bootstrap: Any) -> tuple[Machine, ...]:
+    """Which ranks share a machine (same kernel boot id: network namespaces and
+    containers of one host do) and how many cores they may use together (the union of
+    their CPU affinity sets). A collective step: every rank calls it."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = f"pid-{os.getpid()}"  # unknown: a machine of its own
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    everyone = bootstrap.all_gather_json({"boot": boot, "cpus": cpus or [-1 - bootstrap.rank]})
+    groups: dict[str, tuple[list[int], set[int]]] = {}
+    for rank, entry in enumerate(everyone):
+        ranks, cores = groups.setdefault(entry["boot"], ([], set()))
+        ranks.append(rank)
+        cores.update(entry["cpus"])
+    return tuple(Machine(tuple(ranks), len(cores)) for ranks, cores in groups.values())
 
 
 def _link_figures(link: str, topology: Topology, ping: list[tuple[int, float]],

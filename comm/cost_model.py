@@ -15,9 +15,16 @@ three refinements that matter on real clusters:
   pace (a message alone on a resource runs at the one-flow rate, `beta`, or at the
   measured `duplex_beta` when its pair sends the other way in the same phase);
 - **latency under load**: a message's alpha grows with the messages that share its
-  busiest resource in the phase, as measured by the profiler's concurrent probe;
+  busiest resource in the phase, as measured by the profiler's concurrent probe (not on
+  a machine with more ranks than cores, where that growth is the ranks' wait for a core,
+  which the shared-core floor below charges instead);
 - **CPU costs**: a per-step overhead of the executor/transport and the local reduce and
-  copy steps (gamma per byte), measured by the profiler.
+  copy steps (gamma per byte), measured by the profiler;
+- **shared cores**: ranks that share a machine (the profile's `machines`: an emulated
+  cluster's nodes on one host, more ranks than cores) cannot finish before the machine
+  has done all their per-step work, so no price is below that work over its cores.
+  Per rank the path rules at large sizes; at small ones, on 8 ranks over 2 cores, this
+  floor does (a flat all-to-all of 1 KiB blocks is 112 steps of Python, not 14 latencies).
 
 Prices are vectors over `scales`: every byte count of the schedule multiplied by each
 scale, so one schedule built at a reference size prices a whole size sweep at once (the
@@ -80,8 +87,26 @@ def price(schedule: Schedule, profile: Profile, itemsize: int,
     local = _local_costs(schedule, profile, itemsize)
     comm_steps = [[sum(1 for s in ph if isinstance(s, (Send, Recv, Native)))
                    for ph in prog.phases] for prog in schedule.programs]
-    return _simulate(schedule, messages, durations, natives, by_rank_phase, native_at,
+    path = _simulate(schedule, messages, durations, natives, by_rank_phase, native_at,
                      local, comm_steps, profile.overhead_us, scale)
+    return np.maximum(path, _shared_core_floor(schedule, profile, comm_steps, scale))
+
+
+def _shared_core_floor(schedule: Schedule, profile: Profile, comm_steps: list[list[int]],
+                       scale: np.ndarray) -> np.ndarray:
+    """The busiest machine's per-step CPU work (every step of its ranks, at the overhead
+    measured on one idle pair) over its cores. Local copies and reduces are left out:
+    their gamma is measured with every rank computing at once, so the per-rank path
+    already holds their share of the cores. Zero unless `shares_cores`."""
+    floor = np.zeros_like(scale)
+    if not shares_cores(profile, schedule.topology):
+        return floor
+    for machine in profile.machines:
+        ranks = [r for r in machine.ranks if r < schedule.world_size]
+        if len(ranks) > machine.cores:  # a core each: the per-rank path already holds it
+            steps = sum(sum(comm_steps[r]) for r in ranks)
+            floor = np.maximum(floor, steps * profile.overhead_us / machine.cores)
+    return floor
 
 
 def _simulate(schedule: Schedule, messages: list[_Message],
@@ -192,6 +217,7 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
     Concurrency is judged per phase of the sender: the messages one phase issues are in
     flight together (the executor posts a phase's communication at once).
     """
+    cores_shared = shares_cores(profile, topology)
     load: dict[tuple[int, tuple[str, ...]], float] = defaultdict(float)
     crowd: dict[tuple[int, tuple[str, ...]], int] = defaultdict(int)
     # A rank's own injection/ejection, per link class: its NIC and its memory copies are
@@ -222,8 +248,19 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
                 per_scale = max(per_scale, shared * link.shared_beta_us_per_byte)
         busiest = max((crowd[m.src_phase, res] for res in _resources(m, topology)),
                       default=1)
-        out.append((link.alpha_with(busiest), per_scale))
+        out.append((link.alpha_with(1 if cores_shared else busiest), per_scale))
     return out
+
+
+def shares_cores(profile: Profile, topology: Topology) -> bool:
+    """Whether the profile saw more ranks than cores on a machine, for a job of this
+    size (its `machines` name the measured job's ranks, so they describe a job of the
+    same rank count on the same hosts: a 3+5 layout beside the measured 4+4): then the
+    shared-core floor charges CPU contention, and the latency its concurrent probe saw
+    grow (ranks waiting for a core, not for the link) is not charged again per message."""
+    measured = profile.topology.world_size if profile.topology is not None else None
+    return measured == topology.world_size and any(len(m.ranks) > m.cores
+                                                    for m in profile.machines)
 
 
 def _local_costs(schedule: Schedule, profile: Profile, itemsize: int) -> list[list[float]]:

@@ -96,3 +96,29 @@ def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segmen
     assert args[args.index("--timing") + 1] == "batch"
     assert "--timing" not in _bench_args(Sweep("y", "gloo", "all_to_all", "all", "8K"),
                                          "torchrun", tmp_path / "y.jsonl")
+
+
+def test_batch_timing_splits_the_calls_into_at_most_five_batches() -> None:
+    """Every timed call is made once: 50 calls are 5 batches of 10, 3 calls (a large size)
+    are 3 batches of 1, each after one barrier; all-reduce inputs refreshed per call."""
+    from topocoll.benchmarks.harness import BATCHES, _time_batches
+
+    class _Counter:
+        def __init__(self) -> None:
+            self.barriers = self.resets = self.runs = 0
+
+        def barrier(self) -> None:
+            self.barriers += 1
+
+        def reset(self) -> None:
+            self.resets += 1
+
+        def run(self) -> None:
+            self.runs += 1
+
+    for calls, batches in ((50, BATCHES), (3, 3), (1, 1)):
+        fake = _Counter()
+        samples = _time_batches(fake, fake, fake.run, "all_reduce", calls)
+        assert len(samples) == batches and all(s > 0 for s in samples)
+        assert (fake.runs, fake.barriers) == (calls, batches)
+        assert fake.resets == calls + batches  # one per call plus one per batch

@@ -286,6 +286,59 @@ def test_overhead_is_paid_per_communication_step(p, algorithm, window, phases,
     assert got == pytest.approx(want, rel=REL), f"{algorithm} {params} p={p}: {got} != {want}"
 
 
+@pytest.mark.parametrize(("cores", "algorithm", "want"), [
+    (2, "pairwise", 8 * 14 * 1.5 / 2),    # 8 ranks x 14 steps over 2 cores
+    (3, "pairwise", 8 * 14 * 1.5 / 3),
+    (2, "node_leader", (2 * 8 + 6 * 2) * 1.5 / 2),  # leaders 8 steps, members 2
+    (8, "pairwise", 14 * 1.5),            # a core per rank: the path (14 steps) rules
+])
+def test_ranks_sharing_cores_pay_their_steps_together(cores, algorithm, want) -> None:
+    """One machine runs all 8 ranks of a 2x4 job (an emulated cluster): with free links
+    a small all-to-all costs every rank's steps over the machine's cores, not one rank's
+    path. Profiles of a job of another size, or without machines, charge no floor."""
+    from dataclasses import replace
+
+    from topocoll.topology.profile import Machine
+
+    topology = Topology.from_layout([4, 4])
+    free = LinkProfile(0.0, 0.0, 0.0)
+    profile = Profile(links={"intra": free, "inter": free}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=0.0, overhead_us=1.5, topology=topology,
+                      machines=(Machine(tuple(range(8)), cores),))
+    spec = CollectiveSpec.all_to_all(8, 16)
+    params = {"window": 7} if algorithm == "pairwise" else {}
+    got = priced(algorithm, topology, spec, profile, **params)
+    assert got == pytest.approx(want, rel=REL)
+    path_only = priced(algorithm, topology, spec, replace(profile, machines=()), **params)
+    assert path_only <= got
+    other_size = replace(profile, topology=Topology.from_layout([4, 4, 4]))
+    assert priced(algorithm, topology, spec, other_size, **params) == pytest.approx(path_only)
+    same_hosts = replace(profile, topology=Topology.from_layout([3, 5]))  # 8 ranks too
+    assert priced(algorithm, topology, spec, same_hosts, **params) == pytest.approx(got)
+
+
+def test_latency_under_load_is_not_charged_twice_on_shared_cores() -> None:
+    """On a machine with more ranks than cores the concurrent probe's latency growth is
+    ranks waiting for a core, which the floor charges: messages then pay the one-flow
+    alpha. With a core per rank, or no machines known, the growth is the link's."""
+    from dataclasses import replace
+
+    from topocoll.topology.profile import Machine
+
+    topology = Topology.from_layout([4, 4])
+    link = LinkProfile(10.0, 0.0, 0.0, flows=4, shared_alpha_us=100.0)
+    base = Profile(links={"intra": link, "inter": link}, reduce_us_per_byte=0.0,
+                   copy_us_per_byte=0.0, overhead_us=0.0, topology=topology)
+    spec = CollectiveSpec.all_to_all(8, 16)
+    unknown = priced("pairwise", topology, spec, base, window=7)
+    roomy = priced("pairwise", topology, spec,
+                   replace(base, machines=(Machine(tuple(range(8)), 8),)), window=7)
+    crowded = priced("pairwise", topology, spec,
+                     replace(base, machines=(Machine(tuple(range(8)), 2),)), window=7)
+    assert crowded == pytest.approx(10.0, rel=REL)  # one phase, every message alpha 10
+    assert unknown == roomy > 10.0 * 1.5
+
+
 def test_overhead_overlaps_the_wire_time() -> None:
     """The executor posts a phase's steps while earlier ones are in flight: a phase costs
     the larger of its posting time and its slowest message, not their sum."""

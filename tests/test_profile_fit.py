@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from topocoll.topology.profile import ProfileError, fit_alpha_beta
@@ -36,3 +38,32 @@ def test_latency_only_data_still_gives_a_link_that_costs_something() -> None:
 def test_too_little_data_is_a_clear_error(points) -> None:
     with pytest.raises(ProfileError, match="alpha/beta"):
         fit_alpha_beta(points)
+
+
+def test_machines_round_trip_and_bad_ones_are_named(tmp_path) -> None:
+    """Which ranks share a machine's cores survives save/load; a malformed entry is a
+    ProfileError naming the file and the field; old profiles without it load with none."""
+    import json
+    from dataclasses import replace
+
+    from topocoll.topology.presets import PRESETS
+    from topocoll.topology.profile import Machine, from_preset, load_profile
+
+    base = from_preset(PRESETS["8x-nvlink-400g"])
+    path = tmp_path / "p.json"
+    shared = replace(base, machines=(Machine((0, 2, 4), 2), Machine((1, 3), 8)))
+    shared.save(path)
+    assert load_profile(path).machines == shared.machines
+    data = json.loads(path.read_text())
+    del data["machines"]
+    path.write_text(json.dumps(data))
+    assert load_profile(path).machines == ()
+    for bad, field in (([{"ranks": [0, 1], "cores": 0}], "machines[0].cores"),
+                       ([{"ranks": [], "cores": 2}], "machines[0].ranks"),
+                       ([{"ranks": [0, 1]}, {"ranks": [1], "cores": 1}], "machines[0].cores"),
+                       ([{"ranks": [0], "cores": 1}, {"ranks": [0], "cores": 1}],
+                        "machines[1].ranks"),
+                       ({"ranks": [0]}, "machines")):
+        path.write_text(json.dumps({**data, "machines": bad}))
+        with pytest.raises(ProfileError, match=rf"p\.json: field '{re.escape(field)}'"):
+            load_profile(path)

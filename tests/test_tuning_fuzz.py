@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from topocoll.comm.tuner import TUNABLE, build_table
 from topocoll.comm.tuning import TuningError, TuningTable, load_tuning, table_from_dict
 from topocoll.topology import PRESETS
 from topocoll.topology.profile import (
+    Machine,
     Profile,
     ProfileError,
     from_preset,
@@ -36,7 +38,8 @@ SETTINGS = settings(max_examples=200, deadline=None, database=None,
 
 TABLE = json.loads(json.dumps(build_table(PRESET.topology(), "gloo", "shm",
                                           from_preset(PRESET), max_bucket=3).to_dict()))
-PROFILE = json.loads(json.dumps(from_preset(PRESETS["8x-nvlink-400g"]).to_dict()))
+PROFILE = json.loads(json.dumps(replace(from_preset(PRESETS["8x-nvlink-400g"]), machines=(
+    Machine((0, 1, 2), 2), Machine((3,), 1))).to_dict()))
 
 # JSON values as Python's json module reads them: NaN and +-Infinity included (it accepts
 # the bare literals), big integers, nested containers.

@@ -7,7 +7,10 @@ A profile is what the cost model needs to price a schedule on real links:
   a node's uplink on that rail or a node's memory system, when every pair uses it at
   once), with the fit quality `r2` and the flow count of the concurrent sweep;
 - `compute`: local reduce and copy cost per byte (the gamma of the literature);
-- `overhead_us`: the executor's per-step cost on the CPU (posting and polling a message).
+- `overhead_us`: the executor's per-step cost on the CPU (posting and polling a message);
+- `machines`: which ranks of the measured job share one machine's cores, and how many
+  cores (ranks of an emulated cluster's nodes all run on one host; so may two
+  containers). The model charges their CPU work together against those cores.
 
 It is read from JSON written by `topocoll profile` (or built from a preset's nominal
 figures) and never trusted: every field is type-checked and a bad file raises
@@ -77,6 +80,17 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class Machine:
+    """Ranks of the measured job that share one machine, and the cores they may use."""
+
+    ranks: tuple[int, ...]
+    cores: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ranks": list(self.ranks), "cores": self.cores}
+
+
+@dataclass(frozen=True)
 class Profile:
     """Link figures for one topology shape and transport."""
 
@@ -91,6 +105,7 @@ class Profile:
     samples: tuple[dict[str, Any], ...] = ()
     created: str = ""
     source: str = ""
+    machines: tuple[Machine, ...] = ()  # empty: unknown, no shared-core charge
 
     def link(self, level: Level | str) -> LinkProfile:
         """Figures for a level: `inter/1` falls back to `inter`, `self` to a local copy."""
@@ -126,6 +141,7 @@ class Profile:
             "compute": {"reduce_us_per_byte": self.reduce_us_per_byte,
                         "copy_us_per_byte": self.copy_us_per_byte},
             "overhead_us": self.overhead_us,
+            "machines": [m.to_dict() for m in self.machines],
             "samples": list(self.samples),
         }
 
@@ -290,7 +306,32 @@ def profile_from_dict(data: Any, where: str = "(in memory)") -> Profile:
         samples=tuple(dict(s) for s in samples),
         created=str(data.get("created", "")),
         source=where,
+        machines=_machines(data.get("machines", []), where),
     )
+
+
+def _machines(value: Any, where: str) -> tuple[Machine, ...]:
+    """The optional `machines` field: a list of {"ranks": [distinct ints >= 0], "cores": int
+    >= 1}, no rank on two machines (profiles written before it existed have none)."""
+    if not isinstance(value, list):
+        raise ProfileError(f"profile {where}: field 'machines' must be a list")
+    out, seen = [], set()
+    for k, entry in enumerate(value):
+        at = f"machines[{k}]"
+        ranks = entry.get("ranks") if isinstance(entry, Mapping) else None
+        cores = entry.get("cores") if isinstance(entry, Mapping) else None
+        if (not isinstance(ranks, list) or not ranks
+                or not all(type(r) is int and r >= 0 for r in ranks)):
+            raise ProfileError(f"profile {where}: field '{at}.ranks' must be a non-empty list "
+                               "of rank numbers")
+        if type(cores) is not int or cores < 1:
+            raise ProfileError(f"profile {where}: field '{at}.cores' must be an int >= 1, "
+                               f"got {cores!r}")
+        if seen & set(ranks) or len(set(ranks)) != len(ranks):
+            raise ProfileError(f"profile {where}: field '{at}.ranks' repeats a rank")
+        seen |= set(ranks)
+        out.append(Machine(tuple(ranks), cores))
+    return tuple(out)
 
 
 def _finite(value: Any) -> bool:
