@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -226,6 +227,26 @@ def test_bells_of_needs_every_handle_to_have_one() -> None:
     finally:
         one.close()
         two.close()
+
+
+def test_a_gloo_handle_beside_a_pollable_one_still_gets_its_waiter() -> None:
+    """Mixed with a handle that has no bell (the caller then polls), a Gloo handle is
+    still asked for its bell, so its helper wait starts and polling sees it complete."""
+    from datetime import timedelta
+
+    from topocoll.comm.transports.torch_pg import _WorkHandle
+
+    bell = PipeBell()
+    try:
+        gloo = _WorkHandle(_GlooLikeWork(), "gloo recv from rank 1", timedelta(seconds=5),
+                           bell)
+        assert bells_of([_Handle(1, None), gloo]) is None
+        deadline = time.monotonic() + 10
+        while not gloo.test():
+            assert time.monotonic() < deadline, "the Gloo handle never completed"
+            time.sleep(0.001)
+    finally:
+        bell.close()
 
 
 def test_gloo_handle_rings_its_bell_and_wait_is_bounded() -> None:

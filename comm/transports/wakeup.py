@@ -177,14 +177,18 @@ class FifoRinger:
 
 def bells_of(handles: Iterable[object]) -> list[Bell] | None:
     """The distinct bells of `handles`, or None if any handle has none (then the caller
-    must poll: MPI and UCX make progress only when polled)."""
+    must poll: MPI and UCX make progress only when polled). Every handle is asked, even
+    after one without a bell: asking starts the helper wait of a Gloo handle, which
+    otherwise completes only when waited on."""
     bells: dict[int, Bell] = {}
+    missing = False
     for handle in handles:
         bell = getattr(handle, "bell", None)
         if bell is None:
-            return None
-        bells[id(bell)] = bell
-    return list(bells.values()) or None
+            missing = True
+        else:
+            bells[id(bell)] = bell
+    return None if missing or not bells else list(bells.values())
 
 
 def sleep_until_rung(bells: list[Bell], timeout: float) -> None:
