@@ -1,6 +1,6 @@
 """The benchmark harness: warm-up, size sweep, timing (slowest rank wins), checking, output.
 
-Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls (up to 5x more
+Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls (up to 20x more
 below 1 MiB, as OSU does). Two timings:
 - `call` (default): each call starts after a barrier on fresh input; a call's time is the
   slowest rank's, the row's time is the median over calls. Strict: on an oversubscribed
@@ -9,8 +9,10 @@ below 1 MiB, as OSU does). Two timings:
 - `batch` (nccl-tests style): up to `BATCHES` batches of back-to-back calls, a barrier before
   each batch only; a batch's per-call time is the slowest rank's batch time over its
   calls, the row's time the median over batches. What a training loop that issues one
-  collective after another sees. In-place all-reduce inputs are refreshed before every
-  call (in both timings), so sums never overflow into slow arithmetic.
+  collective after another sees. The algorithms of one size take their batches in turns
+  (`measure_interleaved`), so the machine's drift over a sweep hits them alike.
+In-place all-reduce inputs are refreshed before every call (in both timings), so sums
+never overflow into slow arithmetic.
 With `check`, one more call on fresh input is compared element by element with the
 expected result on every rank and `#wrong` is the sum over ranks.
 """
@@ -64,14 +66,16 @@ BATCHES = 5
 
 
 SMALL_BYTES = 1 << 20
-MAX_SMALL_FACTOR = 5
+MAX_SMALL_FACTOR = 20
 
 
 def iterations(nbytes: int, iters: int) -> int:
-    """OSU-style: messages below 1 MiB get more timed calls (up to 5x `iters`).
+    """OSU-style: messages below 1 MiB get more timed calls (up to 20x `iters`).
 
     Small collectives take milliseconds here and jitter by as much, so a median of three
-    says little; their extra calls cost almost nothing next to one large size.
+    says little; their extra calls cost almost nothing next to one large size. In batch
+    timing 60 calls are 5 batches of 12: tens of milliseconds each, longer than one
+    scheduler time slice, where 3-call batches were ruled by which rank got a core.
     """
     if nbytes >= SMALL_BYTES:
         return iters
@@ -121,18 +125,69 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
     """One row (on every rank; rank 0's is the one reported). None if not supported."""
     entry = ENTRIES[opts.collective]
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
+    run = _warmed_up(job, opts, case, algorithm)
+    if run is None:
+        return None
+    calls = iterations(nbytes, opts.iters)
+    samples = (_time_batches(job.communicator, case, run, opts.collective, calls)
+               if opts.timing == "batch" else _time_calls(job.communicator, case, run, calls))
+    return _row(job, opts, nbytes, case, algorithm, _chosen(job, algorithm), run, samples,
+                budget, profile)
+
+
+def measure_interleaved(job: Job, opts: BenchOptions, nbytes: int,
+                        algorithms: tuple[str, ...], budget: LinkBudget | None = None,
+                        profile: Profile | None = None) -> list[dict[str, Any] | None]:
+    """Rows of every algorithm at one size, their batches taken in turns (batch k of
+    each algorithm, then batch k+1 of each), on one shared set of buffers.
+
+    Why: on a shared machine the speed drifts by tens of percent over seconds (other
+    ranks' phases, the kernel's network work, frequency); timed one after the other,
+    algorithms a tenth apart swap places with that drift, and a tuner's pick made from
+    one sweep misses the best of the next. In turns, every algorithm sees the same
+    drift. Batch timing only (each turn is a barrier and a batch)."""
+    entry = ENTRIES[opts.collective]
+    case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
+    runs = {a: _warmed_up(job, opts, case, a) for a in algorithms}
+    timed = [a for a in algorithms if runs[a] is not None]
+    calls = iterations(nbytes, opts.iters)
+    batches = max(1, min(BATCHES, calls))
+    samples: dict[str, list[float]] = {a: [] for a in timed}
+    chosen: dict[str, str] = {}
+    for _ in range(batches):
+        for algorithm in timed:
+            samples[algorithm] += _time_batches(job.communicator, case, runs[algorithm],
+                                                opts.collective, calls // batches, 1)
+            chosen[algorithm] = _chosen(job, algorithm)
+    return [_row(job, opts, nbytes, case, a, chosen[a], runs[a], samples[a], budget, profile)
+            if a in chosen else None for a in algorithms]
+
+
+def _chosen(job: Job, algorithm: str) -> str:
+    """What the last call ran (`tuned` resolves to a table's pick)."""
+    last = job.communicator.last_choice
+    return last.algorithm if last else algorithm
+
+
+def _warmed_up(job: Job, opts: BenchOptions, case: Case, algorithm: str
+               ) -> Callable[[], None] | None:
+    """The call of `algorithm` on `case`, after its warm-up; None if not supported."""
     run = _call(job, opts.collective, case, algorithm, opts.op)
-    comm = job.communicator
     try:
         for _ in range(opts.warmup):
             case.reset()
             run()
     except NotSupportedError:
         return None
-    calls = iterations(nbytes, opts.iters)
-    samples = (_time_batches(comm, case, run, opts.collective, calls)
-               if opts.timing == "batch" else _time_calls(comm, case, run, calls))
-    chosen = comm.last_choice.algorithm if comm.last_choice else algorithm
+    return run
+
+
+def _row(job: Job, opts: BenchOptions, nbytes: int, case: Case, algorithm: str, chosen: str,
+         run: Callable[[], None], samples: list[float], budget: LinkBudget | None,
+         profile: Profile | None) -> dict[str, Any]:
+    """The row of `algorithm` from its timed samples (checked first, with --check)."""
+    entry = ENTRIES[opts.collective]
+    comm = job.communicator
     wrong = 0
     if opts.check:
         case.reset()
@@ -188,10 +243,11 @@ def _time_calls(comm: Any, case: Case, run: Callable[[], None], calls: int) -> l
 
 
 def _time_batches(comm: Any, case: Case, run: Callable[[], None], collective: str,
-                  calls: int) -> list[float]:
-    """Microseconds per call of each of up to `BATCHES` batches of back-to-back calls
-    (`calls` in all: a large size timed three times is three batches of one)."""
-    batches = max(1, min(BATCHES, calls))
+                  calls: int, batches: int | None = None) -> list[float]:
+    """Microseconds per call of each of `batches` (default: up to `BATCHES`) batches of
+    back-to-back calls (`calls` in all: a large size timed three times is three batches
+    of one)."""
+    batches = max(1, min(BATCHES, calls)) if batches is None else batches
     per_batch = max(1, calls // batches)
     refresh = case.reset if collective == "all_reduce" else None  # in place: inputs change
     samples = []
@@ -261,8 +317,13 @@ def run_sweep(job: Job, opts: BenchOptions, out: TextIO = sys.stdout,
     total = len(opts.sizes) * len(opts.algorithms)
     with _progress(lead and total > 1, total) as advance:
         for nbytes in opts.sizes:
-            for algorithm in opts.algorithms:
-                row = measure(job, opts, nbytes, algorithm, budget, profile)
+            if opts.timing == "batch":  # algorithms in turns (see measure_interleaved)
+                measured = measure_interleaved(job, opts, nbytes, opts.algorithms, budget,
+                                               profile)
+            else:
+                measured = [measure(job, opts, nbytes, a, budget, profile)
+                            for a in opts.algorithms]
+            for algorithm, row in zip(opts.algorithms, measured):
                 advance()
                 if row is None:
                     if lead:

@@ -122,3 +122,47 @@ def test_batch_timing_splits_the_calls_into_at_most_five_batches() -> None:
         assert len(samples) == batches and all(s > 0 for s in samples)
         assert (fake.runs, fake.barriers) == (calls, batches)
         assert fake.resets == calls + batches  # one per call plus one per batch
+
+
+def test_small_sizes_get_more_calls_up_to_twenty_times() -> None:
+    from topocoll.benchmarks.harness import iterations
+
+    assert iterations(1 << 10, 3) == 60        # capped at 20x
+    assert iterations(256 << 10, 3) == 12      # 3 x 1 MiB / 256 KiB
+    assert iterations(1 << 20, 3) == 3         # from 1 MiB: as asked
+    assert iterations(256 << 20, 1) == 1
+
+
+def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
+    """Batch k of every algorithm before batch k+1 of any, on one set of buffers; an
+    algorithm the transport lacks gets no row and no turns."""
+    from types import SimpleNamespace
+
+    from topocoll.benchmarks import harness
+
+    order: list[str] = []
+    runs = {"ring": lambda: None, "tree": lambda: None, "native": None}
+    names = {id(run): name for name, run in runs.items() if run is not None}
+    cases: set[int] = set()
+
+    def warmed_up(job, opts, case, algorithm):
+        cases.add(id(case))
+        return runs[algorithm]
+
+    def time_batches(comm, case, run, collective, calls, batches):
+        assert batches == 1
+        order.append(names[id(run)])
+        return [float(calls)]
+
+    monkeypatch.setattr(harness, "_warmed_up", warmed_up)
+    monkeypatch.setattr(harness, "_time_batches", time_batches)
+    monkeypatch.setattr(harness, "_row", lambda job, opts, nbytes, case, a, chosen, run,
+                        samples, budget, profile: {"algorithm": a, "samples": samples})
+    job = SimpleNamespace(rank=0, world_size=2, communicator=SimpleNamespace(last_choice=None))
+    opts = harness.BenchOptions("all_reduce", ("ring", "native", "tree"), (4096,), iters=3,
+                                timing="batch")
+    rows = harness.measure_interleaved(job, opts, 4096, opts.algorithms)
+    assert order == ["ring", "tree"] * harness.BATCHES
+    assert rows[1] is None and [r["algorithm"] for r in (rows[0], rows[2])] == ["ring", "tree"]
+    assert rows[0]["samples"] == [harness.iterations(4096, 3) / harness.BATCHES] * harness.BATCHES
+    assert len(cases) == 1
