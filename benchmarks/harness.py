@@ -1,7 +1,7 @@
 """The benchmark harness: warm-up, size sweep, timing (slowest rank wins), checking, output.
 
 Per (size, algorithm): `warmup` untimed calls, then `iters` timed calls (up to 20x more
-below 1 MiB, as OSU does). Two timings:
+below 1 MiB, 60x in batch timing, as OSU does). Two timings:
 - `call` (default): each call starts after a barrier on fresh input; a call's time is the
   slowest rank's, the row's time is the median over calls. Strict: on an oversubscribed
   machine the barrier's exit skew (ranks leave it as the scheduler wakes them) lands in
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -62,24 +63,31 @@ class BenchOptions:
     timing: str = "call"  # "call" (barrier before every call) or "batch" (see module doc)
 
 
-BATCHES = 5
+BATCHES = 15  # at most: large sizes are timed `iters` times, one call per batch
 
 
 SMALL_BYTES = 1 << 20
 MAX_SMALL_FACTOR = 20
+BATCH_SMALL_FACTOR = 60  # back-to-back small calls are cheap: 15 batches of 12
 
 
-def iterations(nbytes: int, iters: int) -> int:
-    """OSU-style: messages below 1 MiB get more timed calls (up to 20x `iters`).
+def iterations(nbytes: int, iters: int, factor: int = MAX_SMALL_FACTOR) -> int:
+    """OSU-style: messages below 1 MiB get more timed calls (up to `factor` x `iters`).
 
     Small collectives take milliseconds here and jitter by as much, so a median of three
-    says little; their extra calls cost almost nothing next to one large size. In batch
-    timing 60 calls are 5 batches of 12: tens of milliseconds each, longer than one
-    scheduler time slice, where 3-call batches were ruled by which rank got a core.
+    says little; their extra calls cost almost nothing next to one large size. Batch
+    timing asks for up to 60x: 3 x 60 calls are 15 batches of 12, each tens of
+    milliseconds (longer than a scheduler time slice), and a median of 15 batches holds
+    still where one of 5 moved by +-15% between two runs of the same algorithm.
     """
     if nbytes >= SMALL_BYTES:
         return iters
-    return min(max(iters, iters * SMALL_BYTES // max(nbytes, 1)), MAX_SMALL_FACTOR * iters)
+    return min(max(iters, iters * SMALL_BYTES // max(nbytes, 1)), factor * iters)
+
+
+def _calls(nbytes: int, opts: BenchOptions) -> int:
+    return iterations(nbytes, opts.iters,
+                      BATCH_SMALL_FACTOR if opts.timing == "batch" else MAX_SMALL_FACTOR)
 
 
 def expand_algorithms(names: str | list[str], collective: str) -> tuple[str, ...]:
@@ -128,7 +136,7 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
     run = _warmed_up(job, opts, case, algorithm)
     if run is None:
         return None
-    calls = iterations(nbytes, opts.iters)
+    calls = _calls(nbytes, opts)
     samples = (_time_batches(job.communicator, case, run, opts.collective, calls)
                if opts.timing == "batch" else _time_calls(job.communicator, case, run, calls))
     return _row(job, opts, nbytes, case, algorithm, _chosen(job, algorithm), run, samples,
@@ -139,7 +147,8 @@ def measure_interleaved(job: Job, opts: BenchOptions, nbytes: int,
                         algorithms: tuple[str, ...], budget: LinkBudget | None = None,
                         profile: Profile | None = None) -> list[dict[str, Any] | None]:
     """Rows of every algorithm at one size, their batches taken in turns (batch k of
-    each algorithm, then batch k+1 of each), on one shared set of buffers.
+    each algorithm, in a shuffled order, then batch k+1 of each), on one shared set of
+    buffers.
 
     Why: on a shared machine the speed drifts by tens of percent over seconds (other
     ranks' phases, the kernel's network work, frequency); timed one after the other,
@@ -150,17 +159,27 @@ def measure_interleaved(job: Job, opts: BenchOptions, nbytes: int,
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
     runs = {a: _warmed_up(job, opts, case, a) for a in algorithms}
     timed = [a for a in algorithms if runs[a] is not None]
-    calls = iterations(nbytes, opts.iters)
+    calls = _calls(nbytes, opts)
     batches = max(1, min(BATCHES, calls))
     samples: dict[str, list[float]] = {a: [] for a in timed}
     chosen: dict[str, str] = {}
-    for _ in range(batches):
-        for algorithm in timed:
+    for turn in range(batches):
+        for algorithm in _turn_order(timed, nbytes, turn):
             samples[algorithm] += _time_batches(job.communicator, case, runs[algorithm],
                                                 opts.collective, calls // batches, 1)
             chosen[algorithm] = _chosen(job, algorithm)
     return [_row(job, opts, nbytes, case, a, chosen[a], runs[a], samples[a], budget, profile)
             if a in chosen else None for a in algorithms]
+
+
+def _turn_order(algorithms: list[str], nbytes: int, turn: int) -> list[str]:
+    """The algorithms in a shuffled order per turn, the same on every rank (seeded by
+    size and turn): whoever runs after a particular algorithm, or first after the
+    barrier, pays for it in a different turn each time, so no algorithm carries a
+    position's cost in every sample."""
+    order = list(algorithms)
+    random.Random(nbytes * 1000 + turn).shuffle(order)
+    return order
 
 
 def _chosen(job: Job, algorithm: str) -> str:

@@ -98,9 +98,9 @@ def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segmen
                                          "torchrun", tmp_path / "y.jsonl")
 
 
-def test_batch_timing_splits_the_calls_into_at_most_five_batches() -> None:
-    """Every timed call is made once: 50 calls are 5 batches of 10, 3 calls (a large size)
-    are 3 batches of 1, each after one barrier; all-reduce inputs refreshed per call."""
+def test_batch_timing_splits_the_calls_into_at_most_BATCHES_batches() -> None:
+    """Every timed call is made once: 180 calls are 15 batches of 12, 3 calls (a large
+    size) are 3 batches of 1, each after one barrier; all-reduce inputs refreshed per call."""
     from topocoll.benchmarks.harness import BATCHES, _time_batches
 
     class _Counter:
@@ -116,7 +116,7 @@ def test_batch_timing_splits_the_calls_into_at_most_five_batches() -> None:
         def run(self) -> None:
             self.runs += 1
 
-    for calls, batches in ((50, BATCHES), (3, 3), (1, 1)):
+    for calls, batches in ((180, BATCHES), (3, 3), (1, 1)):
         fake = _Counter()
         samples = _time_batches(fake, fake, fake.run, "all_reduce", calls)
         assert len(samples) == batches and all(s > 0 for s in samples)
@@ -131,6 +131,7 @@ def test_small_sizes_get_more_calls_up_to_twenty_times() -> None:
     assert iterations(256 << 10, 3) == 12      # 3 x 1 MiB / 256 KiB
     assert iterations(1 << 20, 3) == 3         # from 1 MiB: as asked
     assert iterations(256 << 20, 1) == 1
+    assert iterations(1 << 10, 3, 60) == 180   # batch timing's cap
 
 
 def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
@@ -162,7 +163,12 @@ def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
     opts = harness.BenchOptions("all_reduce", ("ring", "native", "tree"), (4096,), iters=3,
                                 timing="batch")
     rows = harness.measure_interleaved(job, opts, 4096, opts.algorithms)
-    assert order == ["ring", "tree"] * harness.BATCHES
+    turns = [order[2 * k:2 * k + 2] for k in range(harness.BATCHES)]
+    assert all(sorted(turn) == ["ring", "tree"] for turn in turns)  # one batch each per turn
+    assert {tuple(turn) for turn in turns} == {("ring", "tree"), ("tree", "ring")}  # shuffled
+    assert turns == [harness._turn_order(["ring", "tree"], 4096, k)  # alike on every rank
+                     for k in range(harness.BATCHES)]
     assert rows[1] is None and [r["algorithm"] for r in (rows[0], rows[2])] == ["ring", "tree"]
-    assert rows[0]["samples"] == [harness.iterations(4096, 3) / harness.BATCHES] * harness.BATCHES
+    calls = harness.iterations(4096, 3, harness.BATCH_SMALL_FACTOR)
+    assert rows[0]["samples"] == [calls // harness.BATCHES] * harness.BATCHES
     assert len(cases) == 1
