@@ -131,14 +131,14 @@ def measure(job: Job, opts: BenchOptions, nbytes: int, algorithm: str,
             budget: LinkBudget | None = None, profile: Profile | None = None
             ) -> dict[str, Any] | None:
     """One row (on every rank; rank 0's is the one reported). None if not supported."""
+    if opts.timing == "batch":
+        return measure_interleaved(job, opts, nbytes, (algorithm,), budget, profile)[0]
     entry = ENTRIES[opts.collective]
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
     run = _warmed_up(job, opts, case, algorithm)
     if run is None:
         return None
-    calls = _calls(nbytes, opts)
-    samples = (_time_batches(job.communicator, case, run, opts.collective, calls)
-               if opts.timing == "batch" else _time_calls(job.communicator, case, run, calls))
+    samples = _time_calls(job.communicator, case, run, _calls(nbytes, opts))
     return _row(job, opts, nbytes, case, algorithm, _chosen(job, algorithm), run, samples,
                 budget, profile)
 
