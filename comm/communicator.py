@@ -26,7 +26,7 @@ from .executor import Executor, LevelTransports
 from .schedule import Schedule
 from .selection import Choice, choose, default_params
 from .transports.base import Transport
-from .transports.shm import SharedMemoryTransport, host_identity, shm_namespace
+from .transports.shm import CMA_OFF, SharedMemoryTransport, host_identity, shm_namespace
 from .validation import (
     TORCH_DTYPES,
     Agreement,
@@ -97,7 +97,8 @@ class Communicator:
         if intra == "shm":
             job = bootstrap.broadcast_json(shm_namespace(job_id()))
             intra_transport: Transport = SharedMemoryTransport(
-                bootstrap.rank, bootstrap.world_size, job, hosts)
+                bootstrap.rank, bootstrap.world_size, job, hosts,
+                cma_bytes=CMA_OFF if inter.busy_waits else None)
         elif intra == "same":
             intra_transport = inter
         elif isinstance(intra, Transport):

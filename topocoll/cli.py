@@ -82,7 +82,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="seconds before a stuck collective fails (and the job is killed)")
     p.add_argument("--timing", choices=TIMING_CHOICES, default="call",
                    help="call: a barrier before every timed call, slowest rank per call "
-                        "(default); batch: back-to-back calls in 5 batches, nccl-tests style")
+                        "(default); batch: back-to-back calls in up to 15 batches, nccl-tests "
+                        "style")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                    help="instead of a sweep: random collectives, algorithms, dtypes, ops and "
                         "sizes for MINUTES, every result verified; counts per collective and "

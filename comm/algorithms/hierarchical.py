@@ -96,17 +96,39 @@ def hierarchical_plan(plan: Plan, scratch: Scratch, topology: Topology, region: 
     plan.pad(everyone)
 
 
+def pipeline_slices(region: Region, segments: int) -> list[Region]:
+    """`region` cut into `segments` slices, the first and last half the size of the rest.
+
+    Why: the network waits for the first slice's intra-node reduce-scatter (fill) and
+    the caller for the last slice's all-gather (drain). Halving the two end slices
+    halves both, while the middle slices stay large (each slice costs a round of
+    messages). 64 MiB on the emulated 2x4 cluster: fill 44 ms and drain 49 ms of 615
+    with four equal slices."""
+    if segments < 3:
+        return blocks(region, segments)
+    weights = [1] + [2] * (segments - 2) + [1]
+    total = sum(weights)
+    out, offset, seen = [], 0, 0
+    for weight in weights:
+        seen += weight
+        end = region.count * seen // total
+        out.append(region.sub(offset, end - offset))
+        offset = end
+    return out
+
+
 def pipelined_plan(plan: Plan, scratch: Scratch, topology: Topology, region: Region, op: str,
                    segments: int, **options: str) -> None:
-    """`segments` hierarchical all-reduces on consecutive slices, staggered by one phase:
-    the network carries slice s while slice s+1 is reduced inside the node."""
+    """`segments` hierarchical all-reduces on consecutive slices (`pipeline_slices`),
+    staggered by one phase: the network carries slice s while slice s+1 is reduced
+    inside the node."""
     if not 1 <= segments <= MAX_SEGMENTS:
         raise ValueError(f"hierarchical: segments must be in 1..{MAX_SEGMENTS}, got {segments}")
     if segments == 1:
         hierarchical_plan(plan, scratch, topology, region, op, **options)
         return
     subplans = []
-    for s, part in enumerate(blocks(region, segments)):
+    for s, part in enumerate(pipeline_slices(region, segments)):
         sub = Plan()
         hierarchical_plan(sub, scratch, topology, part, op, tag_base=s * TAG_SEGMENT_STRIDE,
                           **options)

@@ -106,6 +106,11 @@ class Transport(abc.ABC):
 
     name: str = "transport"
     preferred_executor: str = "dataflow"  # the executor mode when TOPOCOLL_EXECUTOR is unset
+    # Waits by calling into its library back to back (MPI progresses only inside its
+    # calls), so its ranks keep their cores busy while they wait. Beside such ranks the
+    # shared-memory transport keeps to its copying ring: a cross-memory read (CMA) of a
+    # rank that spins was seen to stall for seconds (see `SharedMemoryTransport`).
+    busy_waits: bool = False
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank

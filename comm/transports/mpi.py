@@ -203,6 +203,7 @@ class MPITransport(Transport):
 
     name = "mpi"
     preferred_executor = "phased"  # data moves only inside MPI calls (see Executor)
+    busy_waits = True  # `_RequestHandle.wait` calls Test back to back
 
     def __init__(self, comm: Any = None, timeout: float | None = None,
                  blocking_natives: bool | None = None) -> None:
