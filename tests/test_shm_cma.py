@@ -24,6 +24,7 @@ from topocoll.comm.transports.base import Handle, Transport, TransportError
 from topocoll.comm.transports.shm import (
     CMA_ENV,
     CMA_OFF,
+    DEFAULT_CAPACITY,
     DESCRIPTOR_WORDS,
     HEAD,
     REFUSED,
@@ -198,15 +199,15 @@ def test_a_size_disagreement_is_an_error_naming_both_ranks(no_leaked_segments) -
 
 def test_threshold_from_the_environment(monkeypatch) -> None:
     monkeypatch.delenv(CMA_ENV, raising=False)
-    assert cma_threshold_from_env() == 256 << 10
+    assert cma_threshold_from_env(12345) == 12345
     monkeypatch.setenv(CMA_ENV, "off")
-    assert cma_threshold_from_env() == CMA_OFF
+    assert cma_threshold_from_env(12345) == CMA_OFF
     monkeypatch.setenv(CMA_ENV, "4096")
-    assert cma_threshold_from_env() == 4096
+    assert cma_threshold_from_env(12345) == 4096
     for bad in ("0", "-5", "lots"):
         monkeypatch.setenv(CMA_ENV, bad)
         with pytest.raises(ValueError, match=CMA_ENV):
-            cma_threshold_from_env()
+            cma_threshold_from_env(12345)
 
 
 CHILD = textwrap.dedent("""
@@ -277,6 +278,6 @@ def test_beside_a_busy_waiting_transport_the_ring_copies(busy: bool, monkeypatch
     inter.busy_waits = busy
     comm = Communicator.create(LocalBootstrap(), inter)
     try:
-        assert comm.transports.intra.cma_bytes == (CMA_OFF if busy else 256 << 10)
+        assert comm.transports.intra.cma_bytes == (CMA_OFF if busy else DEFAULT_CAPACITY)
     finally:
         comm.transports.intra.close()

@@ -13,13 +13,14 @@ cache line, int64 `tail` (bytes ever read) at byte 64, CMA messages acknowledged
 byte 72 and the refused flag at byte 80; data from byte 128. On x86 the stores that
 fill the data are visible before the store that advances `head` (TSO).
 
-Large messages (from `TOPOCOLL_SHM_CMA_BYTES`, default 256 KiB) take one copy instead
-of two when the kernel allows cross-memory attach (`cma.py`): the sender puts only a
-descriptor (pid, address, length) in the ring and waits; the receiver reads the
-sender's buffer directly (`process_vm_readv`) and acknowledges. The sender's setting
-rules a channel (it writes its threshold into the header before its first byte), and a
-receiver the kernel refuses marks the channel refused, after which the sender streams
-that message and every later one through the ring: no rank has to agree in advance.
+Messages larger than the ring (from `TOPOCOLL_SHM_CMA_BYTES`, default the ring's
+capacity) take one copy instead of two when the kernel allows cross-memory attach
+(`cma.py`): the sender puts only a descriptor (pid, address, length) in the ring and
+waits; the receiver reads the sender's buffer directly (`process_vm_readv`) and
+acknowledges. The sender's setting rules a channel (it writes its threshold into the
+header before its first byte), and a receiver the kernel refuses marks the channel
+refused, after which the sender streams that message and every later one through the
+ring: no rank has to agree in advance.
 
 A receiver with nothing to do sleeps on its bell (`wakeup.FifoBell`, one FIFO per rank
 and transport) instead of polling: a sender rings the receiver after writing, a receiver
@@ -51,20 +52,25 @@ PREFIX = "topocoll-"
 HEADER = 128
 DEFAULT_CAPACITY = int(os.environ.get("TOPOCOLL_SHM_CHANNEL_BYTES", 1 << 20))
 CMA_ENV = "TOPOCOLL_SHM_CMA_BYTES"
-DEFAULT_CMA_BYTES = 256 << 10
 CMA_OFF = -1
 # header words (int64 index): sender's line, then the receiver's
 HEAD, CMA_THRESHOLD, TAIL, ACKS, REFUSED = 0, 1, 8, 9, 10
 DESCRIPTOR_WORDS = 5  # pid, address, nbytes, token, token address
 
 
-def cma_threshold_from_env() -> int:
-    """Bytes from which a message goes by CMA (`off`: never); CMA_OFF where unavailable."""
+def cma_threshold_from_env(default: int) -> int:
+    """Bytes from which a message goes by CMA (`off`: never); CMA_OFF where unavailable.
+
+    The default is the ring's capacity. A message that fits in the ring lets its sender
+    go on at once, while by CMA the sender waits for the reader and the reader does all
+    the copying: with 256 KiB, `node_leader` (whose leader reads its members' blocks)
+    and `tree` got 20-40% slower at 256 KiB..512 KiB on the emulated 2x4 cluster. A
+    message larger than the ring waits for its reader either way."""
     value = os.environ.get(CMA_ENV, "").strip().lower()
     if not cma.available() or value == "off":
         return CMA_OFF
     if not value:
-        return DEFAULT_CMA_BYTES
+        return default
     try:
         threshold = int(value)
     except ValueError:
@@ -376,7 +382,7 @@ def host_identity() -> str:
 
 class SharedMemoryTransport(Transport):
     """`cma_bytes`: the size from which this rank's sends go by CMA (`CMA_OFF`: never;
-    None: `TOPOCOLL_SHM_CMA_BYTES`, default 256 KiB). `Communicator.create` turns it off
+    None: `TOPOCOLL_SHM_CMA_BYTES`, default `capacity`). `Communicator.create` turns it off
     beside a transport that `busy_waits`: on the emulated cluster over MPI, whose ranks
     call `Test` back to back while they wait, 4 of 45 64 MiB all-reduces took 2.6-11 s
     instead of 0.6 s, with a 256 KiB cross-memory read taking 300 ms of wall time and no
@@ -400,7 +406,7 @@ class SharedMemoryTransport(Transport):
         self._stages: dict[tuple[int, int], torch.Tensor] = {}  # one per incoming channel
         self.bell = FifoBell(self._bell_path(rank))
         self._ringer = FifoRinger()
-        self.cma_bytes = cma_threshold_from_env() if cma_bytes is None else cma_bytes
+        self.cma_bytes = cma_threshold_from_env(capacity) if cma_bytes is None else cma_bytes
         if self.cma_bytes != CMA_OFF:
             cma.allow_readers()
         # A random word a CMA reader reads back from our memory before trusting a
