@@ -57,6 +57,7 @@ class _Message:
     dst_phase: int
     nbytes: float
     level: Level
+    round: int  # the sender phase's round: messages of one round are in flight together
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _match_messages(schedule: Schedule, itemsize: int) -> list[_Message]:
         src, dst, _ = key
         for (si, send), (ri, _recv) in zip(posted, wanted):
             level = send.level or topology.level(src, dst)
-            out.append(_Message(src, si, dst, ri, float(send.src.count * itemsize), level))
+            out.append(_Message(src, si, dst, ri, float(send.src.count * itemsize), level,
+                                schedule.programs[src].round_of(si)))
     return out
 
 
@@ -214,8 +216,11 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
                    ) -> list[tuple[float, float]]:
     """(alpha, microseconds per unit scale) of every message, link sharing included.
 
-    Concurrency is judged per phase of the sender: the messages one phase issues are in
-    flight together (the executor posts a phase's communication at once).
+    Concurrency is judged per round of the sender's phase: the messages of one round are
+    in flight together (the executor posts a phase's communication at once, and ranks
+    are in step round by round). Not per phase index: a rank's empty phases are dropped,
+    so on 3+5 nodes a binomial broadcast's 0->4 and, two rounds later, 2->3 were both
+    its senders' fourth phase and were priced as sharing the uplink (tree +49..71%).
     """
     cores_shared = shares_cores(profile, topology)
     load: dict[tuple[int, tuple[str, ...]], float] = defaultdict(float)
@@ -227,26 +232,26 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
         if m.level.kind == "self":
             continue
         for res in _resources(m, topology):
-            load[m.src_phase, res] += m.nbytes
-            crowd[m.src_phase, res] += 1
-        inject[m.src_phase, m.src, "out", m.level.kind] += m.nbytes
-        inject[m.src_phase, m.dst, "in", m.level.kind] += m.nbytes
-    both_ways = {(m.src_phase, m.src, m.dst) for m in messages}
+            load[m.round, res] += m.nbytes
+            crowd[m.round, res] += 1
+        inject[m.round, m.src, "out", m.level.kind] += m.nbytes
+        inject[m.round, m.dst, "in", m.level.kind] += m.nbytes
+    both_ways = {(m.round, m.src, m.dst) for m in messages}
     out: list[tuple[float, float]] = []
     for m in messages:
         link = profile.link(m.level)
         if m.level.kind == "self":
             out.append((0.0, m.nbytes * profile.copy_us_per_byte))
             continue
-        duplex = (m.src_phase, m.dst, m.src) in both_ways  # the pair swaps data at once
+        duplex = (m.round, m.dst, m.src) in both_ways  # the pair swaps data at once
         beta = link.duplex_beta if duplex else link.beta_us_per_byte
-        per_scale = max(inject[m.src_phase, m.src, "out", m.level.kind],
-                        inject[m.src_phase, m.dst, "in", m.level.kind]) * beta
+        per_scale = max(inject[m.round, m.src, "out", m.level.kind],
+                        inject[m.round, m.dst, "in", m.level.kind]) * beta
         for res in _resources(m, topology):
-            shared = load[m.src_phase, res]
+            shared = load[m.round, res]
             if shared > m.nbytes:  # not alone on it: the resource's aggregate rate rules
                 per_scale = max(per_scale, shared * link.shared_beta_us_per_byte)
-        busiest = max((crowd[m.src_phase, res] for res in _resources(m, topology)),
+        busiest = max((crowd[m.round, res] for res in _resources(m, topology)),
                       default=1)
         out.append((link.alpha_with(1 if cores_shared else busiest), per_scale))
     return out

@@ -134,10 +134,10 @@ def finalize(plan: Plan, scratch: Scratch, spec: CollectiveSpec, topology: Topol
         buffers = spec.user_buffers(rank)
         if scratch.used.get(rank):
             buffers[SCRATCH] = scratch.used[rank]
-        phases: tuple[Phase, ...] = tuple(
-            with_levels(phase, rank, topology) for phase in plan.phases.get(rank, []) if phase
-        )
-        programs.append(RankProgram(rank, buffers, phases))
+        kept = [(i, phase) for i, phase in enumerate(plan.phases.get(rank, [])) if phase]
+        phases: tuple[Phase, ...] = tuple(with_levels(phase, rank, topology)
+                                          for _, phase in kept)
+        programs.append(RankProgram(rank, buffers, phases, tuple(i for i, _ in kept)))
     return Schedule(
         collective=spec.collective,
         algorithm=algorithm,

@@ -132,9 +132,24 @@ LOCAL_STEPS = (Reduce, Copy, Scale)
 
 @dataclass(frozen=True)
 class RankProgram:
+    """One rank's phases. `rounds`: each phase's round in the plan it came from (its
+    index before the rank's empty phases were dropped); phases of different ranks with
+    the same round are the ones that run side by side, which the cost model needs to
+    know which messages share a link. Empty: the phases' positions."""
+
     rank: int
     buffers: dict[str, int]
     phases: tuple[Phase, ...]
+    rounds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rounds and (len(self.rounds) != len(self.phases)
+                            or any(b <= a for a, b in zip(self.rounds, self.rounds[1:]))):
+            raise ValueError(f"rank {self.rank}: rounds {self.rounds} must increase, one per "
+                             f"phase ({len(self.phases)})")
+
+    def round_of(self, phase: int) -> int:
+        return self.rounds[phase] if self.rounds else phase
 
     def steps(self) -> Iterator[Step]:
         for phase in self.phases:
@@ -257,11 +272,14 @@ def step_from_json(data: dict[str, Any]) -> Step:
 
 
 def _program_to_json(program: RankProgram) -> dict[str, Any]:
-    return {
+    out = {
         "rank": program.rank,
         "buffers": dict(sorted(program.buffers.items())),
         "phases": [[step_to_json(s) for s in phase] for phase in program.phases],
     }
+    if program.rounds:
+        out["rounds"] = list(program.rounds)
+    return out
 
 
 def _program_from_json(data: dict[str, Any]) -> RankProgram:
@@ -269,6 +287,7 @@ def _program_from_json(data: dict[str, Any]) -> RankProgram:
         rank=int(data["rank"]),
         buffers={str(k): int(v) for k, v in data["buffers"].items()},
         phases=tuple(tuple(step_from_json(s) for s in phase) for phase in data["phases"]),
+        rounds=tuple(int(r) for r in data.get("rounds", ())),
     )
 
 

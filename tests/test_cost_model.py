@@ -233,6 +233,42 @@ def test_messages_of_one_phase_share_the_node_uplink(rails: int, factor: float,
         f"rails={rails}: two messages {t_two}, want alpha + {factor} x {wire}")
 
 
+def test_messages_share_a_link_by_round_not_by_phase_index() -> None:
+    """Ranks 0 and 1 (node 0) both send to rank 2 (node 1), rank 1 one round later: it
+    waits a round with nothing to do, a phase `finalize` drops. Both sends are then
+    their rank's first phase, but only the rounds say when they run: one after the other,
+    each alone on the uplink. Keyed by phase index they were priced as sharing it."""
+    topo = Topology.from_layout([2, 1])
+    profile = net_profile()
+    buffers = {"data": 1000, "tmp": 1000}
+    spec = {"collective": "all_reduce", "world_size": 3, "count": 1000}
+
+    def schedule(rounds: bool) -> Schedule:
+        return Schedule("all_reduce", "hand-made", (
+            RankProgram(0, buffers, ((Send(2, DATA),),), (0,) if rounds else ()),
+            RankProgram(1, buffers, ((Send(2, DATA, 1),),), (1,) if rounds else ()),
+            RankProgram(2, buffers, ((Recv(0, DATA),), (Recv(1, TMP, 1),)),
+                        (0, 1) if rounds else ())), topo, spec)
+
+    wire = 1000 * ITEMSIZE * 1e-3
+    assert float(price(schedule(True), profile, ITEMSIZE)[0]) == pytest.approx(2 * wire)
+    assert float(price(schedule(False), profile, ITEMSIZE)[0]) == pytest.approx(4 * wire)
+
+
+def test_finalize_records_each_phase_round_for_uneven_trees() -> None:
+    """The binomial broadcast on 3+5 nodes: 0->4 and 2->3 cross nodes in different
+    rounds, so neither is priced at the shared rate (it was +49..71% against measured)."""
+    topo = Topology.from_layout([3, 5])
+    schedule = build_schedule("tree", topo, CollectiveSpec.all_reduce(8, 1 << 20))
+    assert schedule.programs[2].rounds != tuple(range(len(schedule.programs[2].phases)))
+    beta = 1e-3
+    profile = Profile(links={"inter": LinkProfile(0.0, beta, beta * 0.9),
+                             "intra": LinkProfile(0.0, 0.0, 0.0)},
+                      reduce_us_per_byte=0.0, copy_us_per_byte=0.0, overhead_us=0.0)
+    four_crossings = 4 * (1 << 20) * ITEMSIZE * beta  # each alone on its link
+    assert float(price(schedule, profile, ITEMSIZE)[0]) == pytest.approx(four_crossings)
+
+
 def test_a_late_sender_delays_its_receiver() -> None:
     """Rank 0 reduces locally before it sends: rank 1's receive cannot start earlier."""
     topo = flat(2)

@@ -15,6 +15,7 @@ from topocoll.comm.schedule import (
     SCHEMA_VERSION,
     Copy,
     Native,
+    RankProgram,
     Recv,
     Reduce,
     Region,
@@ -209,7 +210,8 @@ def test_id_changes_with_content():
     assert len(set(ids.values())) == len(ids), ids
     # the id covers the programs too, not only the header
     program = base.programs[0]
-    edited = replace(base, programs=(replace(program, phases=program.phases[:-1]),
+    edited = replace(base, programs=(replace(program, phases=program.phases[:-1],
+                                             rounds=program.rounds[:-1]),
                                      *base.programs[1:]))
     assert edited.id != base.id
 
@@ -401,3 +403,12 @@ def test_hierarchical_2d_sends_fewer_inter_node_messages(collective):
         sum(inter_elements_per_node(flat).values())
     verify(two_d)
     verify(flat)
+
+
+def test_rounds_must_increase_one_per_phase():
+    send = Send(1, Region("data", 0, 4), 0)
+    assert RankProgram(0, {"data": 4}, ((send,), (send,)), (0, 3)).round_of(1) == 3
+    assert RankProgram(0, {"data": 4}, ((send,), (send,))).round_of(1) == 1
+    for rounds in ((3, 3), (2, 1), (0,)):
+        with pytest.raises(ValueError, match="rounds"):
+            RankProgram(0, {"data": 4}, ((send,), (send,)), rounds)

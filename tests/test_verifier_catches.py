@@ -78,7 +78,9 @@ def edit(schedule: Schedule, rank: int, phase: int, index: int,
 
 def append_phase(schedule: Schedule, rank: int, steps: list[Step]) -> Schedule:
     program = schedule.programs[rank]
-    return with_program(schedule, replace(program, phases=(*program.phases, tuple(steps))))
+    rounds = (*program.rounds, program.rounds[-1] + 1) if program.rounds else ()
+    return with_program(schedule, replace(program, phases=(*program.phases, tuple(steps)),
+                                          rounds=rounds))
 
 
 def with_program(schedule: Schedule, program: RankProgram) -> Schedule:
