@@ -172,3 +172,13 @@ def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
     calls = harness.iterations(4096, 3, harness.BATCH_SMALL_FACTOR)
     assert rows[0]["samples"] == [calls // harness.BATCHES] * harness.BATCHES
     assert len(cases) == 1
+
+
+def test_the_suite_warns_when_the_machine_is_already_busy() -> None:
+    from topocoll.benchmarks.suite import busy_machine_warning
+
+    assert busy_machine_warning(0.4, 2) is None
+    assert busy_machine_warning(1.0, 2) is None
+    warning = busy_machine_warning(3.1, 2)
+    assert warning is not None and "load average 3.1 on 2 core(s)" in warning
+    assert busy_machine_warning(3.1, 8) is None
