@@ -160,7 +160,7 @@ def measure_interleaved(job: Job, opts: BenchOptions, nbytes: int,
     runs = {a: _warmed_up(job, opts, case, a) for a in algorithms}
     timed = [a for a in algorithms if runs[a] is not None]
     calls = _calls(nbytes, opts)
-    batches = max(1, min(BATCHES, calls))
+    batches = _batch_count(calls)
     samples: dict[str, list[float]] = {a: [] for a in timed}
     chosen: dict[str, str] = {}
     for turn in range(batches):
@@ -261,12 +261,17 @@ def _time_calls(comm: Any, case: Case, run: Callable[[], None], calls: int) -> l
     return samples
 
 
+def _batch_count(calls: int) -> int:
+    """Up to `BATCHES` batches, at least one call each."""
+    return max(1, min(BATCHES, calls))
+
+
 def _time_batches(comm: Any, case: Case, run: Callable[[], None], collective: str,
                   calls: int, batches: int | None = None) -> list[float]:
     """Microseconds per call of each of `batches` (default: up to `BATCHES`) batches of
     back-to-back calls (`calls` in all: a large size timed three times is three batches
     of one)."""
-    batches = max(1, min(BATCHES, calls)) if batches is None else batches
+    batches = _batch_count(calls) if batches is None else batches
     per_batch = max(1, calls // batches)
     refresh = case.reset if collective == "all_reduce" else None  # in place: inputs change
     samples = []

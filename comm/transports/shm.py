@@ -100,7 +100,6 @@ class _Channel:
         # receive) may move bytes, or two messages posted in one phase would interleave.
         self.sends: deque[_SendHandle] = deque()
         self.recvs: deque[_RecvHandle] = deque()
-
         self.verified_pid: int | None = None  # a sender whose token we have read back
         self.cma_posted = 0  # CMA descriptors this side has sent on the channel
 
