@@ -68,26 +68,37 @@ BATCHES = 15  # at most: large sizes are timed `iters` times, one call per batch
 
 SMALL_BYTES = 1 << 20
 MAX_SMALL_FACTOR = 20
-BATCH_SMALL_FACTOR = 60  # back-to-back small calls are cheap: 15 batches of 12
+# Batch timing (back-to-back calls) scales calls up to 16 MiB, up to 120x: 3 x 120 calls
+# are 15 batches of 24 below 128 KiB, and a 256 KiB all-to-all gets 192 calls, not 12.
+BATCH_SMALL_BYTES = 16 << 20
+BATCH_SMALL_FACTOR = 120
 
 
-def iterations(nbytes: int, iters: int, factor: int = MAX_SMALL_FACTOR) -> int:
-    """OSU-style: messages below 1 MiB get more timed calls (up to `factor` x `iters`).
+def iterations(nbytes: int, iters: int, factor: int = MAX_SMALL_FACTOR,
+               small_bytes: int = SMALL_BYTES) -> int:
+    """OSU-style: messages below `small_bytes` get more timed calls (up to `factor` x
+    `iters`), as many as move `iters` x `small_bytes`.
 
     Small collectives take milliseconds here and jitter by as much, so a median of three
-    says little; their extra calls cost almost nothing next to one large size. Batch
-    timing asks for up to 60x: 3 x 60 calls are 15 batches of 12, each tens of
-    milliseconds (longer than a scheduler time slice), and a median of 15 batches holds
-    still where one of 5 moved by +-15% between two runs of the same algorithm.
+    says little; their extra calls cost almost nothing next to one large size.
+
+    Batch timing asks for more, and up to 16 MiB: the regret sweep compares the tuned
+    backend with the best forced algorithm at every size, and when both run the same
+    algorithm what it measures is noise. With one call per batch (a 256 KiB all-to-all
+    had 12 calls in 12 batches) single batches ranged 4.6-11.4 ms and two medians of the
+    same algorithm differed by 30%; with 15 batches of 12 calls, by up to 15%. Each
+    size's calls now take about a second per algorithm up to 16 MiB, which adds ~4
+    minutes to the full suite.
     """
-    if nbytes >= SMALL_BYTES:
+    if nbytes >= small_bytes:
         return iters
-    return min(max(iters, iters * SMALL_BYTES // max(nbytes, 1)), factor * iters)
+    return min(max(iters, iters * small_bytes // max(nbytes, 1)), factor * iters)
 
 
 def _calls(nbytes: int, opts: BenchOptions) -> int:
-    return iterations(nbytes, opts.iters,
-                      BATCH_SMALL_FACTOR if opts.timing == "batch" else MAX_SMALL_FACTOR)
+    if opts.timing == "batch":
+        return iterations(nbytes, opts.iters, BATCH_SMALL_FACTOR, BATCH_SMALL_BYTES)
+    return iterations(nbytes, opts.iters)
 
 
 def expand_algorithms(names: str | list[str], collective: str) -> tuple[str, ...]:

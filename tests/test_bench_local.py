@@ -81,7 +81,7 @@ def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segmen
     for collective, op in (("all_to_all", "sum"), ("all_reduce", "prod")):
         cmd = [sys.executable, "-m", "topocoll", "bench", "--launcher", "local",
                "--layout", "2,3", "--collective", collective, "--op", op,
-               "--algorithm", "native,all", "--sizes", "4K", "--iters", "10", "--warmup",
+               "--algorithm", "native,all", "--sizes", "4K", "--iters", "4", "--warmup",
                "1", "--timing", "batch", "--check", "--json", str(out), "--timeout", "120"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -131,7 +131,26 @@ def test_small_sizes_get_more_calls_up_to_twenty_times() -> None:
     assert iterations(256 << 10, 3) == 12      # 3 x 1 MiB / 256 KiB
     assert iterations(1 << 20, 3) == 3         # from 1 MiB: as asked
     assert iterations(256 << 20, 1) == 1
-    assert iterations(1 << 10, 3, 60) == 180   # batch timing's cap
+    assert iterations(1 << 10, 3, 60) == 180   # a larger cap
+
+
+def test_batch_timing_gives_more_calls_up_to_16_mib() -> None:
+    """Back-to-back batches of more than one call up to 16 MiB: the regret sweep's
+    tuned-vs-best comparison is noise when both run one algorithm."""
+    from topocoll.benchmarks.harness import BATCHES, BenchOptions, _calls
+
+    def calls(nbytes: int, iters: int = 3) -> int:
+        return _calls(nbytes, BenchOptions("all_to_all", ("pairwise",), (nbytes,),
+                                           iters=iters, timing="batch"))
+
+    assert calls(1 << 10) == 360                 # capped at 120x
+    assert calls(256 << 10) == 192               # 3 x 16 MiB / 256 KiB
+    assert calls(256 << 10) // BATCHES >= 12     # batches of 12 calls, not one
+    assert calls(4 << 20) == 12
+    assert calls(16 << 20) == 3                  # from 16 MiB: as asked
+    assert calls(1 << 10, iters=2) == 240
+    call_timed = BenchOptions("all_to_all", ("pairwise",), (256 << 10,), iters=3)
+    assert _calls(256 << 10, call_timed) == 12   # per-call timing keeps the 1 MiB rule
 
 
 def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
@@ -169,7 +188,7 @@ def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
     assert turns == [harness._turn_order(["ring", "tree"], 4096, k)  # alike on every rank
                      for k in range(harness.BATCHES)]
     assert rows[1] is None and [r["algorithm"] for r in (rows[0], rows[2])] == ["ring", "tree"]
-    calls = harness.iterations(4096, 3, harness.BATCH_SMALL_FACTOR)
+    calls = harness._calls(4096, opts)
     assert rows[0]["samples"] == [calls // harness.BATCHES] * harness.BATCHES
     assert len(cases) == 1
 
