@@ -46,9 +46,11 @@ FIGURES = [
 def flat_profile(f: Figures, overhead_us: float = 0.0, copy_us_per_byte: float = 0.0
                  ) -> Profile:
     # One rank per node: a node's uplink is its rank's own, so shared beta = flow beta.
+    # The textbook costs are those of steps run one after the other, as our executor runs
+    # them over MPI (phase by phase); other transports post a phase ahead (tested below).
     return Profile(links={"inter": LinkProfile(f.alpha, f.beta, f.beta)},
                    reduce_us_per_byte=f.gamma, copy_us_per_byte=copy_us_per_byte,
-                   overhead_us=overhead_us, source="test flat profile")
+                   overhead_us=overhead_us, transport="mpi", source="test flat profile")
 
 
 def flat(p: int) -> Topology:
@@ -200,10 +202,10 @@ def hand_schedule(topology: Topology, phases: dict[int, list[list]], count: int
 
 
 def net_profile(alpha: float = 0.0, beta: float = 1e-3, overhead_us: float = 0.0,
-                reduce_us_per_byte: float = 0.0) -> Profile:
+                reduce_us_per_byte: float = 0.0, transport: str = "") -> Profile:
     links = {"inter": LinkProfile(alpha, beta, beta), "intra": LinkProfile(alpha, beta, beta)}
     return Profile(links=links, reduce_us_per_byte=reduce_us_per_byte, copy_us_per_byte=0.0,
-                   overhead_us=overhead_us)
+                   overhead_us=overhead_us, transport=transport)
 
 
 DATA = Region("data", 0, 1000)
@@ -269,6 +271,44 @@ def test_finalize_records_each_phase_round_for_uneven_trees() -> None:
     assert float(price(schedule, profile, ITEMSIZE)[0]) == pytest.approx(four_crossings)
 
 
+OTHER = Region("data", 1000, 1000)
+
+
+@pytest.mark.parametrize(("transport", "hidden"), [("gloo", True), ("mpi", False)])
+def test_latency_of_a_phase_that_touches_nothing_before_it_is_hidden(transport: str,
+                                                                     hidden: bool) -> None:
+    """Rank 0 sends two blocks to rank 1, one per phase. They touch different regions,
+    so the dataflow executor posts the second while the first is on the wire: its
+    latency runs under the first's bytes (alpha + 2 wire times). Over MPI the executor
+    runs phase by phase: 2 (alpha + wire). When the second phase reuses what the first
+    touched (rank 0 receives into the block it sent), nothing is hidden either way."""
+    topo = flat(2)
+    alpha, wire = 3.0, 1000 * ITEMSIZE * 1e-3
+    profile = Profile(links={"inter": LinkProfile(alpha, 1e-3, 1e-3)}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=0.0, overhead_us=0.0, transport=transport)
+    apart = hand_schedule(topo, {0: [[Send(1, DATA)], [Send(1, OTHER)]],
+                                 1: [[Recv(0, DATA)], [Recv(0, OTHER)]]}, 2000)
+    reused = hand_schedule(topo, {0: [[Send(1, DATA)], [Recv(1, DATA)]],
+                                  1: [[Recv(0, DATA)], [Send(0, OTHER)]]}, 2000)
+    want = alpha + 2 * wire if hidden else 2 * (alpha + wire)
+    assert float(price(apart, profile, ITEMSIZE)[0]) == pytest.approx(want, rel=REL)
+    assert float(price(reused, profile, ITEMSIZE)[0]) == pytest.approx(2 * (alpha + wire),
+                                                                        rel=REL)
+
+
+@pytest.mark.parametrize("p", [3, 4, 6])
+def test_pairwise_steps_pay_one_latency_when_posted_ahead(p: int) -> None:
+    """Pairwise, one peer per step, on a transport whose executor posts ahead: with the
+    wire time of a block above the latency, p - 1 steps cost one latency and p - 1 wire
+    times (the textbook (p - 1)(alpha + wire) is the phase-by-phase case, above)."""
+    alpha, beta, per_peer = 2.0, 1e-3, 1000
+    profile = Profile(links={"inter": LinkProfile(alpha, beta, beta)}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=0.0, overhead_us=0.0, transport="gloo")
+    got = priced("pairwise", flat(p), CollectiveSpec.all_to_all(p, per_peer), profile,
+                 window=1)
+    assert got == pytest.approx(alpha + (p - 1) * per_peer * ITEMSIZE * beta, rel=REL)
+
+
 def test_a_late_sender_delays_its_receiver() -> None:
     """Rank 0 reduces locally before it sends: rank 1's receive cannot start earlier."""
     topo = flat(2)
@@ -287,17 +327,20 @@ def test_a_late_sender_delays_its_receiver() -> None:
 
 def test_a_busy_sender_delays_a_later_partner() -> None:
     """Rank 0 first sends a large message to rank 1, then a small one to rank 2: rank 2,
-    ready at time 0, still waits for rank 0 to reach that phase."""
+    ready at time 0, still waits for rank 0 to reach that phase. Phase by phase (MPI) it
+    pays the small message's latency after that; where the executor posts ahead, the
+    latency ran under the large message and only the bytes wait."""
     topo = flat(3)
-    profile = net_profile(alpha=2.0, beta=1e-3)
     small = Region("data", 0, 10)
     sched = hand_schedule(topo, {0: [[Send(1, DATA)], [Send(2, small)]],
                                  1: [[Recv(0, DATA)]], 2: [[Recv(0, small)]]}, 1000)
     big_t = 2.0 + 1000 * ITEMSIZE * 1e-3
-    small_t = 2.0 + 10 * ITEMSIZE * 1e-3
-    got = float(price(sched, profile, ITEMSIZE)[0])
-    assert got == pytest.approx(big_t + small_t, rel=REL), (
-        f"rank 2 finishes at {got}, want {big_t} + {small_t} (rendezvous with rank 0)")
+    small_wire = 10 * ITEMSIZE * 1e-3
+    phased = float(price(sched, net_profile(alpha=2.0, transport="mpi"), ITEMSIZE)[0])
+    assert phased == pytest.approx(big_t + 2.0 + small_wire, rel=REL), (
+        f"rank 2 finishes at {phased}, want {big_t} + {2.0 + small_wire} (rendezvous)")
+    ahead = float(price(sched, net_profile(alpha=2.0, transport="gloo"), ITEMSIZE)[0])
+    assert ahead == pytest.approx(big_t + small_wire, rel=REL)
 
 
 @pytest.mark.parametrize("p", [2, 4, 7], ids=lambda p: f"p{p}")
