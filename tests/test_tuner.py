@@ -91,6 +91,28 @@ def test_native_measured_fastest_is_picked() -> None:
     assert found.candidates["native"].predicted_us is None
 
 
+def test_batch_rows_rank_by_their_mean_so_rare_stalls_count() -> None:
+    """Two algorithms at 1 MiB in back-to-back batches: `ring`'s median is lower, but a
+    few of its batches stalled, so its mean (the time per call a loop pays) is higher
+    and the table takes `tree`. The same figures from per-call rows (barrier before each
+    call) are ranked by their median, where an outlier is mostly barrier skew."""
+    base = pred("tree", MIB)
+    stalls = [0.95 * base] * 11 + [8 * base] * 4          # median 0.95x, mean ~2.8x
+    steady = [1.0 * base] * 15
+    slow = [3 * base] * 15                                 # every other one measured slow
+    batch = [row("ring", MIB, 0.95 * base) | {"timing": "batch", "samples_us": stalls},
+             row("tree", MIB, base) | {"timing": "batch", "samples_us": steady}]
+    batch += [row(a, MIB, 3 * base) | {"timing": "batch", "samples_us": slow}
+              for a in algorithm_names(AR) if a not in ("ring", "tree")]
+    found = tune(batch).explain(AR, MIB)
+    assert (found.algorithm, found.source) == ("tree", "measurement"), found
+    assert found.candidates["ring"].measured_us == pytest.approx(sum(stalls) / 15)
+    per_call = [r | {"timing": "call"} for r in batch]
+    assert tune(per_call).explain(AR, MIB).algorithm == "ring"
+    bad = [r | {"samples_us": [0.0, "x"]} if r["algorithm"] == "ring" else r for r in batch]
+    assert tune(bad).explain(AR, MIB).algorithm == "ring"
+
+
 IGNORED = {
     "other-fingerprint": dict(topology=Topology.from_layout([4, 4], rails=2)),
     "other-transport": dict(transport="mpi"),
