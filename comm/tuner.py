@@ -78,7 +78,7 @@ def rank_candidates(collective: str, nbytes: int, topology: Topology, profile: P
 
 
 # ----- measurements --------------------------------------------------------------------
-Measured = dict[str, dict[int, float]]  # algorithm -> bytes -> median time (us)
+Measured = dict[str, dict[int, float]]  # algorithm -> bytes -> time (us), measured_time
 
 
 def measurements_from_rows(rows: Iterable[Mapping[str, Any]], collective: str,
@@ -102,12 +102,10 @@ def measured_time(row: Mapping[str, Any]) -> float | None:
     """What a call of this row costs a training loop, in microseconds.
 
     Back-to-back batches (`timing: batch`): the mean of the batches, i.e. the row's
-    total time over its calls, stalls included. The row's median leaves out the batches
-    a stall lands in, and then ranks an algorithm with rare long stalls first: on the
-    2x4 cluster a 256 KiB all-to-all `hierarchical_2d` had a median of 4.6 ms (3% ahead
-    of `node_leader`) but batches of up to 38 ms, mean 9.6 ms against 5.0 ms. Per-call
-    rows (a barrier before each call): the median, since there an outlier is mostly the
-    barrier's exit skew, which no loop pays.
+    total time over its calls, stalls included (why: `benchmarks.harness.row_time`);
+    computed from the samples, so rows written when a batch row's `time_us` was its
+    median rank the same way. Per-call rows (a barrier before each call): `time_us`, the
+    median, since there an outlier is mostly the barrier's exit skew, which no loop pays.
     """
     samples = row.get("samples_us")
     if row.get("timing") == "batch" and isinstance(samples, list) and samples and all(

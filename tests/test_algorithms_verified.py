@@ -421,8 +421,23 @@ def test_hierarchical_defaults_recorded(algorithm):
     assert schedule.params == expected
 
 
+def test_large_all_reduces_are_pipelined_in_up_to_six_segments():
+    """Segments of ~10 MiB, at most 6 (the count measured best at 64 MiB on 2x4), with
+    ring chunks of at least 128 KiB (each segment pays the ring's latencies again)."""
+    from topocoll.comm.selection import default_params
+
+    topo = Topology.from_layout([4, 4])
+    segments = {size: default_params("all_reduce", "hierarchical", size, topo)["segments"]
+                for size in (1 << 20, 16 << 20, 32 << 20, 64 << 20, 1 << 30)}
+    assert segments == {1 << 20: 1, 16 << 20: 1, 32 << 20: 3, 64 << 20: 6, 1 << 30: 6}
+    assert default_params("all_reduce", "ring", 64 << 20, topo) == {}
+    big = Topology.from_layout([8] * 128)  # 64 KiB ring chunks at 64 MiB: no pipeline
+    assert default_params("all_reduce", "hierarchical", 64 << 20, big)["segments"] == 1
+    assert default_params("all_reduce", "hierarchical", 1 << 30, big)["segments"] == 6
+
+
 @pytest.mark.parametrize("layout", [[4, 4], [3, 5], [2, 2, 2], [1, 3], [3, 3, 6], [2, 3, 4]])
-@pytest.mark.parametrize("segments", [2, 3, 8])
+@pytest.mark.parametrize("segments", [2, 3, 6, 8])
 @pytest.mark.parametrize("inter", ["ring", "recursive_doubling", "rabenseifner", "tree",
                                    "native"])
 @pytest.mark.parametrize("intra", ["ring", "direct"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,10 @@ def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segmen
         for row in rows:
             assert row["timing"] == "batch" and row["wrong"] == 0, row
             assert len(row["samples_us"]) == BATCHES and row["time_us"] > 0
+            assert row["time_us"] == pytest.approx(statistics.fmean(row["samples_us"]),
+                                                   rel=1e-3, abs=1e-3)
+            assert row["median_us"] == pytest.approx(statistics.median(row["samples_us"]),
+                                                     rel=1e-3, abs=1e-3)
     sweep = Sweep("x", "gloo", "all_to_all", "all", "8K", timing="batch")
     args = _bench_args(sweep, "torchrun", tmp_path / "x.jsonl")
     assert args[args.index("--timing") + 1] == "batch"
@@ -151,6 +156,16 @@ def test_batch_timing_gives_more_calls_up_to_16_mib() -> None:
     assert calls(1 << 10, iters=2) == 240
     call_timed = BenchOptions("all_to_all", ("pairwise",), (256 << 10,), iters=3)
     assert _calls(256 << 10, call_timed) == 12   # per-call timing keeps the 1 MiB rule
+
+
+def test_batch_rows_take_the_mean_and_call_rows_the_median() -> None:
+    """A stall in one batch of four counts in a batch row (a loop pays it) and not in a
+    per-call row (there it is barrier skew)."""
+    from topocoll.benchmarks.harness import row_time
+
+    samples = [2.0, 1.0, 9.0, 1.0]
+    assert row_time(samples, "batch") == pytest.approx(3.25)
+    assert row_time(samples, "call") == pytest.approx(1.5)
 
 
 def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
