@@ -82,7 +82,7 @@ def test_batch_timing_runs_back_to_back_batches(tmp_path: Path, no_leaked_segmen
     for collective, op in (("all_to_all", "sum"), ("all_reduce", "prod")):
         cmd = [sys.executable, "-m", "topocoll", "bench", "--launcher", "local",
                "--layout", "2,3", "--collective", collective, "--op", op,
-               "--algorithm", "native,all", "--sizes", "4K", "--iters", "4", "--warmup",
+               "--algorithm", "native,all", "--sizes", "4K", "--iters", "1", "--warmup",
                "1", "--timing", "batch", "--check", "--json", str(out), "--timeout", "120"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-3000:]
