@@ -67,7 +67,7 @@ def default_choice(collective: str, nbytes: int, topology: Topology) -> Choice:
 # segments beat 4 by 1.9% over Gloo (574 vs 586 ms) and 2.0% over MPI (570 vs 582),
 # medians of 16 calls taking turns; 8 and 12 were no better, and on 2 rails 6 and 4 were
 # alike. On 128 nodes x 8 (the simulator's 8x-nvlink-400g preset) the chunk floor keeps
-# 32-128 MiB unsegmented, priced 1.3-1.5x faster than the 4 segments of before.
+# 32-128 MiB unsegmented, priced 1.3-2.1x faster than the 4 segments of before.
 PIPELINE_SEGMENT_BYTES = 10 << 20
 MAX_DEFAULT_SEGMENTS = 6
 MIN_RING_CHUNK_BYTES = 128 << 10
