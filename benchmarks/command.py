@@ -28,6 +28,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         check=args.check,
         profile=getattr(args, "profile", None),
         timing=getattr(args, "timing", "call"),
+        turns=getattr(args, "turns", None),
     )
 
 
@@ -49,6 +50,8 @@ def _child_argv(args: argparse.Namespace, launcher: str) -> list[str]:
         argv += ["--soak", str(args.soak)]
     if getattr(args, "timing", "call") != "call":
         argv += ["--timing", args.timing]
+    if getattr(args, "turns", None) is not None:
+        argv += ["--turns", str(args.turns)]
     return argv
 
 

@@ -63,6 +63,12 @@ class BenchOptions:
     inter_rate_bps: float | None = None  # bytes/s of one inter-node link, for the bound
     profile: str | None = None  # profile JSON: rows get the cost model's predicted_us
     timing: str = "call"  # "call" (barrier before every call) or "batch" (see module doc)
+    turns: int | None = None  # batch timing: turns where a batch holds several calls
+
+    def __post_init__(self) -> None:
+        if self.turns is not None and (self.timing != "batch" or self.turns < 1):
+            raise ValueError(f"--turns {self.turns}: takes a count >= 1 and --timing batch "
+                             "(call timing has no batches to take in turns)")
 
 
 BATCHES = 15  # at most: large sizes are timed `iters` times, one call per batch
@@ -167,19 +173,28 @@ def measure_interleaved(job: Job, opts: BenchOptions, nbytes: int,
     ranks' phases, the kernel's network work, frequency); timed one after the other,
     algorithms a tenth apart swap places with that drift, and a tuner's pick made from
     one sweep misses the best of the next. In turns, every algorithm sees the same
-    drift. Batch timing only (each turn is a barrier and a batch)."""
+    drift. Batch timing only (each turn is a barrier and a batch).
+
+    `opts.turns` sets how many turns where a batch holds several calls (small sizes,
+    where calls are cheap), each batch keeping its size. Why: the drift is not only
+    slow. Two arms running the same algorithm (`node_leader`, 2-64 KiB all-to-all on 2x4)
+    still differed by up to 9% over 15 turns of 96 calls, and by at most 4% over 90
+    turns of 10: more turns cancel more of it than longer batches do."""
     entry = ENTRIES[opts.collective]
     case = entry.make(nbytes, job.rank, job.world_size, opts.dtype, opts.op)
     runs = {a: _warmed_up(job, opts, case, a) for a in algorithms}
     timed = [a for a in algorithms if runs[a] is not None]
     calls = _calls(nbytes, opts)
     batches = _batch_count(calls)
+    per_batch = calls // batches
+    if opts.turns is not None and per_batch > 1:
+        batches = opts.turns  # each batch keeps its size: more turns, more calls
     samples: dict[str, list[float]] = {a: [] for a in timed}
     chosen: dict[str, str] = {}
     for turn in range(batches):
         for algorithm in _turn_order(timed, nbytes, turn):
             samples[algorithm] += _time_batches(job.communicator, case, runs[algorithm],
-                                                opts.collective, calls // batches, 1)
+                                                opts.collective, per_batch, 1)
             chosen[algorithm] = _chosen(job, algorithm)
     return [_row(job, opts, nbytes, case, a, chosen[a], runs[a], samples[a], budget, profile)
             if a in chosen else None for a in algorithms]

@@ -13,7 +13,8 @@ three refinements that matter on real clusters:
   ejection bandwidth. A message then takes `alpha + max(bytes * beta, load(resource) *
   shared_beta for each resource it shares with others)`: the busiest resource sets the
   pace (a message alone on a resource runs at the one-flow rate, `beta`, or at the
-  measured `duplex_beta` when its pair sends the other way in the same phase);
+  measured `duplex_beta` when its pair sends the other way in the same round, or its
+  uplink carries traffic the other way in that round: `_duplex`);
 - **latency under load**: a message's alpha grows with the messages that share its
   busiest resource in the phase, as measured by the profiler's concurrent probe (not on
   a machine with more ranks than cores, where that growth is the ranks' wait for a core,
@@ -286,6 +287,29 @@ def _resources(m: _Message, topology: Topology) -> list[tuple[str, ...]]:
     return []
 
 
+def _duplex(m: _Message, topology: Topology, both_ways: set[tuple[int, int, int]],
+            load: dict[tuple[int, tuple[str, ...]], float]) -> bool:
+    """Whether `m` runs at the two-way rate (`duplex_beta`): its pair sends the other way
+    in the same round, or, between nodes, either end's uplink (per rail) also carries
+    traffic the other way in that round, as in a ring across nodes (node 0's uplink
+    sends 3->4 while it receives 7->0, though no pair swaps).
+
+    Why the second case: priced one-way, ring all-reduces of 16-256 MiB on 2x4 were
+    11-27% under the measured time in three full runs, and at the two-way rate 0-19%.
+    The one-way figure is fitted on single messages of up to 4 MiB after an idle link,
+    which a shaper's burst flatters (it came out above the line rate); a ring's steps
+    stream back to back. Which of the two effects rules is not settled (the profiler
+    saw two connections, one per direction, reach the line rate); the price is what
+    the measurements support. Ring rows at 1-4 MiB moved the other way (to +7..+18%)."""
+    if (m.round, m.dst, m.src) in both_ways:
+        return True
+    if m.level.kind != "inter":
+        return False
+    rail = str(m.level.rail or 0)
+    return ((m.round, ("down", str(topology.node_of[m.src]), rail)) in load
+            or (m.round, ("up", str(topology.node_of[m.dst]), rail)) in load)
+
+
 def _message_costs(messages: list[_Message], topology: Topology, profile: Profile
                    ) -> list[tuple[float, float]]:
     """(alpha, microseconds per unit scale) of every message, link sharing included.
@@ -317,8 +341,8 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
         if m.level.kind == "self":
             out.append((0.0, m.nbytes * profile.copy_us_per_byte))
             continue
-        duplex = (m.round, m.dst, m.src) in both_ways  # the pair swaps data at once
-        beta = link.duplex_beta if duplex else link.beta_us_per_byte
+        beta = (link.duplex_beta if _duplex(m, topology, both_ways, load)
+                else link.beta_us_per_byte)
         per_scale = max(inject[m.round, m.src, "out", m.level.kind],
                         inject[m.round, m.dst, "in", m.level.kind]) * beta
         for res in _resources(m, topology):

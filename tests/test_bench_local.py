@@ -208,6 +208,52 @@ def test_batch_timing_takes_the_algorithms_in_turns(monkeypatch) -> None:
     assert len(cases) == 1
 
 
+@pytest.mark.parametrize(("nbytes", "turns", "per_batch"),
+                         [(4096, 45, 24), (1 << 20, 45, 3), (64 << 20, 3, 1)],
+                         ids=["4K-45-turns", "1M-45-turns", "64M-keeps-3"])
+def test_more_turns_keep_each_batch_size_where_batches_hold_several_calls(
+        monkeypatch, nbytes: int, turns: int, per_batch: int) -> None:
+    """`--turns 45`: 45 turns of the same batch size (more calls) where a batch holds
+    several calls; a large size timed one call per batch keeps its `iters` calls."""
+    from types import SimpleNamespace
+
+    from topocoll.benchmarks import harness
+
+    taken: list[int] = []
+
+    def time_batches(comm, case, run, collective, calls, batches):
+        taken.append(calls)
+        return [1.0]
+
+    monkeypatch.setattr(harness, "_warmed_up", lambda job, opts, case, a: lambda: None)
+    monkeypatch.setattr(harness, "_time_batches", time_batches)
+    monkeypatch.setattr(harness, "_row", lambda job, opts, n, case, a, chosen, run,
+                        samples, budget, profile: {"samples": samples})
+    job = SimpleNamespace(rank=0, world_size=2, communicator=SimpleNamespace(last_choice=None))
+    opts = harness.BenchOptions("all_to_all", ("pairwise", "bruck"), (nbytes,), iters=3,
+                                timing="batch", turns=45)
+    rows = harness.measure_interleaved(job, opts, nbytes, opts.algorithms)
+    assert [len(r["samples"]) for r in rows] == [turns, turns]
+    assert taken == [per_batch] * (2 * turns)
+    plain = harness.BenchOptions("all_to_all", ("pairwise",), (nbytes,), iters=3,
+                                 timing="batch")
+    calls = harness._calls(nbytes, plain)
+    assert per_batch == calls // harness._batch_count(calls)  # the batch size of 15 turns
+
+
+def test_turns_are_refused_without_batch_timing(tmp_path: Path) -> None:
+    from topocoll.benchmarks.harness import BenchOptions
+    from topocoll.benchmarks.suite import Sweep, _bench_args
+
+    with pytest.raises(ValueError, match=r"--turns 9: .*--timing batch"):
+        BenchOptions("all_reduce", ("ring",), (4096,), turns=9)
+    with pytest.raises(ValueError, match="--turns 0"):
+        BenchOptions("all_reduce", ("ring",), (4096,), timing="batch", turns=0)
+    sweep = Sweep("r", "gloo", "all_reduce", "all,tuned", "4K", timing="batch", turns=45)
+    args = _bench_args(sweep, "torchrun", tmp_path / "r.jsonl")
+    assert args[args.index("--turns") + 1] == "45"
+
+
 def test_the_suite_warns_when_the_machine_is_already_busy() -> None:
     from topocoll.benchmarks.suite import busy_machine_warning
 

@@ -235,6 +235,41 @@ def test_messages_of_one_phase_share_the_node_uplink(rails: int, factor: float,
         f"rails={rails}: two messages {t_two}, want alpha + {factor} x {wire}")
 
 
+def test_traffic_both_ways_through_an_uplink_runs_at_the_duplex_rate() -> None:
+    """Rank 1 (node 0) sends to rank 2 (node 1) while rank 3 sends to rank 0: no pair
+    swaps, but node 0's uplink carries a flow each way, as in a ring across two nodes,
+    so both run at the profile's two-way rate. Alone, with the return flow in another
+    round, or on another rail, a message runs at the one-way rate."""
+    topo = Topology.from_layout([2, 2])
+    links = {"inter": LinkProfile(0.0, 1e-3, 1e-3, duplex_beta_us_per_byte=2e-3),
+             "intra": LinkProfile(0.0, 1e-3, 1e-3, duplex_beta_us_per_byte=2e-3)}
+    profile = Profile(links=links, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
+                      overhead_us=0.0)
+    wire = 1000 * ITEMSIZE * 1e-3
+    buffers = {"data": 1000, "tmp": 1000}
+    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
+
+    def cost(sends: list[tuple[int, int, int]], topo: Topology = topo) -> float:
+        phases: dict[int, list] = {}
+        rounds: dict[int, list[int]] = {}
+        for src, dst, rnd in sends:
+            phases.setdefault(src, []).append((Send(dst, DATA, rnd),))
+            phases.setdefault(dst, []).append((Recv(src, TMP, rnd),))
+            rounds.setdefault(src, []).append(rnd)
+            rounds.setdefault(dst, []).append(rnd)
+        programs = tuple(RankProgram(r, buffers, tuple(phases.get(r, ())),
+                                     tuple(rounds.get(r, ()))) for r in range(4))
+        return float(price(Schedule("all_reduce", "hand-made", programs, topo, spec),
+                           profile, ITEMSIZE)[0])
+
+    assert cost([(1, 2, 0)]) == pytest.approx(wire)
+    assert cost([(1, 2, 0), (3, 0, 0)]) == pytest.approx(2 * wire)  # both ways at once
+    assert cost([(1, 2, 0), (3, 0, 1)]) == pytest.approx(wire)  # other rounds: one-way
+    two_rails = Topology.from_layout([2, 2], rails=2)  # 1->3 on rail 1, 2->0 on rail 0
+    assert cost([(1, 3, 0), (2, 0, 0)], two_rails) == pytest.approx(wire)
+    assert cost([(1, 3, 0), (2, 0, 0)]) == pytest.approx(2 * wire)  # one rail: both ways
+
+
 def test_messages_share_a_link_by_round_not_by_phase_index() -> None:
     """Ranks 0 and 1 (node 0) both send to rank 2 (node 1), rank 1 one round later: it
     waits a round with nothing to do, a phase `finalize` drops. Both sends are then

@@ -84,6 +84,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="call: a barrier before every timed call, slowest rank per call "
                         "(default); batch: back-to-back calls in up to 15 batches, nccl-tests "
                         "style")
+    p.add_argument("--turns", type=_positive_int, default=None, metavar="N",
+                   help="batch timing: N turns (batches per algorithm, taken in turns) "
+                        "where a batch holds several calls, each batch keeping its size, "
+                        "so more turns mean more calls (default: 15)")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                    help="instead of a sweep: random collectives, algorithms, dtypes, ops and "
                         "sizes for MINUTES, every result verified; counts per collective and "
