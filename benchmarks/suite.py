@@ -38,6 +38,7 @@ class Sweep:
     profile: str | None = None  # rows get the cost model's predicted_us
     timing: str = "call"  # "batch": back-to-back calls, nccl-tests style
     turns: int | None = None  # batch timing: turns where a batch holds several calls
+    timeout_s: int = 600  # the whole sweep's, after which its job is killed
 
 
 def sweeps(quick: bool) -> list[Sweep]:
@@ -78,13 +79,14 @@ def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Swe
     # The full run's regret sweep takes 45 turns (not 15) where a batch holds several
     # calls (up to 1 MiB): "tuned never more than 10% slower than the best" is judged
     # there, and over 15 turns two arms running the same algorithm differed by up to 9%.
-    # About 3 minutes more.
+    # About 4 minutes more: the all-reduce one then outgrew the 10 minutes a sweep gets.
     iters, prof = (3 if full else 1), str(profile_path)
-    turns = REGRET_TURNS if full else None
+    turns, limit = (REGRET_TURNS, 1200) if full else (None, 600)
     measure = [Sweep(f"measure_{name}", "gloo", collective, "all", sizes[name], iters, False,
                      prof, "batch") for name, collective in TUNED_COLLECTIVES]
     regret = [Sweep(f"regret_{name}", "gloo", collective, "all,tuned", sizes[name], iters,
-                    False, prof, "batch", turns) for name, collective in TUNED_COLLECTIVES]
+                    False, prof, "batch", turns, limit)
+              for name, collective in TUNED_COLLECTIVES]
     return measure, regret
 
 
@@ -119,10 +121,10 @@ def run_sweep(sweep: Sweep, out: Path, tag: str, cluster: bool, layout: str) -> 
         with open(json_path, "w"):
             pass
         code = cluster_run(launcher, [*BENCH, *_bench_args(sweep, launcher, json_path)],
-                           timeout=600)
+                           timeout=sweep.timeout_s)
     else:
         cmd = [*BENCH, *_bench_args(sweep, "local", json_path), "--layout", layout]
-        code = subprocess.run(cmd, timeout=900).returncode
+        code = subprocess.run(cmd, timeout=sweep.timeout_s + 300).returncode
     if code:
         print(f"!!! {sweep.name} exited with {code}", flush=True)
     return json_path

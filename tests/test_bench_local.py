@@ -243,7 +243,7 @@ def test_more_turns_keep_each_batch_size_where_batches_hold_several_calls(
 
 def test_turns_are_refused_without_batch_timing(tmp_path: Path) -> None:
     from topocoll.benchmarks.harness import BenchOptions
-    from topocoll.benchmarks.suite import Sweep, _bench_args
+    from topocoll.benchmarks.suite import Sweep, _bench_args, tuning_sweeps
 
     with pytest.raises(ValueError, match=r"--turns 9: .*--timing batch"):
         BenchOptions("all_reduce", ("ring",), (4096,), turns=9)
@@ -252,6 +252,10 @@ def test_turns_are_refused_without_batch_timing(tmp_path: Path) -> None:
     sweep = Sweep("r", "gloo", "all_reduce", "all,tuned", "4K", timing="batch", turns=45)
     args = _bench_args(sweep, "torchrun", tmp_path / "r.jsonl")
     assert args[args.index("--turns") + 1] == "45"
+    for full, turns, limit in ((True, 45, 1200), (False, None, 600)):
+        measure, regret = tuning_sweeps(full, tmp_path / "profile.json")
+        assert {(s.turns, s.timeout_s) for s in regret} == {(turns, limit)}
+        assert {(s.turns, s.timeout_s) for s in measure} == {(None, 600)}
 
 
 def test_the_suite_warns_when_the_machine_is_already_busy() -> None:
