@@ -76,14 +76,18 @@ def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Swe
              "alltoall": "1K:128M" if full else "1K,64K,1M,16M"}
     # The quick run (`make demo`) gives each size 1 x up to 120 calls below 16 MiB: with 2,
     # it and the batch sweep above took the demo to 9.7 of its 10 minutes.
-    # The full run's regret sweep takes 45 turns (not 15) where a batch holds several
-    # calls (up to 1 MiB): "tuned never more than 10% slower than the best" is judged
-    # there, and over 15 turns two arms running the same algorithm differed by up to 9%.
-    # About 4 minutes more: the all-reduce one then outgrew the 10 minutes a sweep gets.
+    # The full run's sweeps take 45 turns (not 15) where a batch holds several calls (up
+    # to 1 MiB): "tuned never more than 10% slower than the best" is judged in the regret
+    # sweep, and over 15 turns two arms running the same algorithm differed by up to 9%.
+    # The measure sweep the tuner learns from takes as many: 45 turns are 135 calls at
+    # 1 MiB, where `pairwise` slows down under a long run of back-to-back calls (TCP
+    # retransmissions: 35 vs 20 ms); measured in 15 turns it was picked, and in the
+    # regret sweep's 45 it was 53% slower than `hierarchical_2d`. About 8 minutes more;
+    # the all-reduce sweeps then outgrow the 10 minutes a sweep gets.
     iters, prof = (3 if full else 1), str(profile_path)
-    turns, limit = (REGRET_TURNS, 1200) if full else (None, 600)
+    turns, limit = (TUNING_TURNS, 1200) if full else (None, 600)
     measure = [Sweep(f"measure_{name}", "gloo", collective, "all", sizes[name], iters, False,
-                     prof, "batch") for name, collective in TUNED_COLLECTIVES]
+                     prof, "batch", turns, limit) for name, collective in TUNED_COLLECTIVES]
     regret = [Sweep(f"regret_{name}", "gloo", collective, "all,tuned", sizes[name], iters,
                     False, prof, "batch", turns, limit)
               for name, collective in TUNED_COLLECTIVES]
@@ -91,7 +95,7 @@ def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Swe
 
 
 TUNED_COLLECTIVES = (("allreduce", "all_reduce"), ("alltoall", "all_to_all"))
-REGRET_TURNS = 45
+TUNING_TURNS = 45
 
 
 UNEVEN_SWEEPS = [

@@ -24,7 +24,7 @@ from .bootstrap import Bootstrap
 from .collectives import CollectiveSpec
 from .executor import Executor, LevelTransports
 from .schedule import Schedule
-from .selection import Choice, choose, default_params
+from .selection import Choice, RememberedChoices, default_params
 from .transports.base import Transport
 from .transports.shm import CMA_OFF, SharedMemoryTransport, host_identity, shm_namespace
 from .validation import (
@@ -77,6 +77,7 @@ class Communicator:
         self.executor = Executor(self.rank, transports, timeout)
         self.tuning = tuning
         self.last_choice: Choice | None = None
+        self._choices = RememberedChoices(topology)
         self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
         self._debug = os.environ.get("TOPOCOLL_DEBUG", "") not in ("", "0")
         self.devices = supported_devices(transports.all())
@@ -139,7 +140,7 @@ class Communicator:
 
     def _pick(self, collective: str, nbytes: int, algorithm: str | None) -> str:
         if algorithm in (None, TUNED):
-            choice = choose(collective, nbytes, self.topology, self.tuning)
+            choice = self._choices(collective, nbytes, self.tuning)
         else:
             if algorithm != NATIVE:
                 get_algorithm(collective, algorithm)  # raises with the known names

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from topocoll.comm.algorithms import algorithm_names
-from topocoll.comm.selection import choose, default_choice
+from topocoll.comm.selection import RememberedChoices, choose, default_choice
 from topocoll.comm.tuner import TUNABLE, build_table
 from topocoll.comm.tuning import (
     ENV_FILE,
@@ -147,6 +147,54 @@ BOUNDED = make_dict([(0, 100, "recursive_doubling"), (100, 4096, "rabenseifner")
 def test_lookup_uses_half_open_ranges(data: dict, nbytes: int, want: str) -> None:
     t = table_from_dict(copy.deepcopy(data))
     assert t.lookup("all_reduce", nbytes) == want, f"{nbytes} bytes"
+
+
+class CountingTable:
+    """A table that always answers `algorithm` and counts how often it was asked."""
+
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm, self.asked = algorithm, 0
+
+    def lookup(self, collective: str, nbytes: int) -> str:
+        self.asked += 1
+        return self.algorithm
+
+
+def test_user_override_beats_the_table(monkeypatch) -> None:
+    topo = Topology.from_layout([4, 4])
+    table = CountingTable("bruck")
+    assert choose("all_to_all", 2048, topo, table).algorithm == "bruck"
+    monkeypatch.setenv("TOPOCOLL_ALGO_ALL_TO_ALL", "pairwise")
+    got = choose("all_to_all", 2048, topo, table)
+    assert (got.algorithm, got.reason) == ("pairwise", "forced by TOPOCOLL_ALGO_ALL_TO_ALL")
+    monkeypatch.setenv("TOPOCOLL_ALGO_ALL_TO_ALL", "nope")
+    with pytest.raises(ValueError, match="'nope' is not an algorithm for all_to_all"):
+        choose("all_to_all", 2048, topo, table)
+
+
+def test_choices_are_remembered_per_call_shape_and_forgotten_with_the_table(
+        monkeypatch) -> None:
+    """The tuned path asks the table (and the environment) once per collective and byte
+    count; a new table is asked again; a bad override is refused on every call."""
+    remembered = RememberedChoices(Topology.from_layout([4, 4]))
+    first = CountingTable("bruck")
+    for _ in range(3):
+        assert remembered("all_to_all", 2048, first).algorithm == "bruck"
+    assert first.asked == 1
+    assert remembered("all_to_all", 4096, first).algorithm == "bruck"
+    assert remembered("all_to_all_v", 2048, first).algorithm == "bruck"
+    assert first.asked == 3
+    second = CountingTable("pairwise")
+    assert remembered("all_to_all", 2048, second).algorithm == "pairwise"
+    assert second.asked == 1
+    monkeypatch.setenv("TOPOCOLL_ALGO_ALL_REDUCE", "ring")
+    assert remembered("all_reduce", 2048, second).algorithm == "ring"
+    monkeypatch.setenv("TOPOCOLL_ALGO_ALL_REDUCE", "nope")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not an algorithm for all_reduce"):
+            remembered("all_reduce", 8192, second)
+    assert remembered("all_to_all", 2048, None).algorithm == default_choice(
+        "all_to_all", 2048, Topology.from_layout([4, 4])).algorithm
 
 
 def test_lookup_beyond_a_bounded_table_explains_nothing() -> None:
