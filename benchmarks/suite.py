@@ -82,8 +82,8 @@ def tuning_sweeps(full: bool, profile_path: Path) -> tuple[list[Sweep], list[Swe
     # The measure sweep the tuner learns from takes as many: 45 turns are 135 calls at
     # 1 MiB, where `pairwise` slows down under a long run of back-to-back calls (TCP
     # retransmissions: 35 vs 20 ms); measured in 15 turns it was picked, and in the
-    # regret sweep's 45 it was 53% slower than `hierarchical_2d`. About 8 minutes more;
-    # the all-reduce sweeps then outgrow the 10 minutes a sweep gets.
+    # regret sweep's 45 it was 53% slower than `hierarchical_2d`. The full run takes 43
+    # minutes instead of 25; the all-reduce sweeps outgrow the 10 minutes a sweep gets.
     iters, prof = (3 if full else 1), str(profile_path)
     turns, limit = (TUNING_TURNS, 1200) if full else (None, 600)
     measure = [Sweep(f"measure_{name}", "gloo", collective, "all", sizes[name], iters, False,

@@ -300,7 +300,7 @@ def _duplex(m: _Message, topology: Topology, both_ways: set[tuple[int, int, int]
     which a shaper's burst flatters (it came out above the line rate); a ring's steps
     stream back to back. Which of the two effects rules is not settled (the profiler
     saw two connections, one per direction, reach the line rate); the price is what
-    the measurements support. Ring rows at 1-4 MiB moved the other way (to +7..+18%)."""
+    the measurements support. Ring rows at 1-4 MiB moved the other way (to +2..+18%)."""
     if (m.round, m.dst, m.src) in both_ways:
         return True
     if m.level.kind != "inter":

@@ -43,7 +43,7 @@ class RememberedChoices:
     Why: on the emulated 2x4 cluster (8 ranks over 2 cores) the tuned path's `choose`
     (two environment reads, the table's bisect) cost 25-35 us of CPU per rank per call,
     +200 us over the ranks of a 2 KiB all-to-all, which made the backend with a table 4%
-    slower than the same algorithm forced (45 turns, 10 sizes, all but one slower);
+    slower than the same algorithm forced (45 turns: 9 and 10 of 10 sizes slower in two runs);
     remembered, the two cost the same. So `TOPOCOLL_ALGO_*` is read the first time a
     communicator chooses for a call shape, as NCCL reads its variables once; a new
     table (the communicator's `tuning` replaced) forgets everything. A bad override is
