@@ -305,9 +305,12 @@ def _duplex(m: _Message, topology: Topology, both_ways: set[tuple[int, int, int]
         return True
     if m.level.kind != "inter":
         return False
-    rail = str(m.level.rail or 0)
-    return ((m.round, ("down", str(topology.node_of[m.src]), rail)) in load
-            or (m.round, ("up", str(topology.node_of[m.dst]), rail)) in load)
+    # The same uplinks `_resources` names, the other way: node src's "down", node dst's "up".
+    return any((m.round, (_OTHER_WAY[way], *where)) in load
+               for way, *where in _resources(m, topology))
+
+
+_OTHER_WAY = {"up": "down", "down": "up"}
 
 
 def _message_costs(messages: list[_Message], topology: Topology, profile: Profile
