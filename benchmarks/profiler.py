@@ -48,7 +48,10 @@ from .sizes import format_size, parse_sizes
 TAG = 901
 DEFAULT_SIZES = "1K:4M"
 FANOUT = (1, 4, 16, 64)
-COMPUTE_BYTES = (1 << 20, 8 << 20)
+COMPUTE_BYTES = (1 << 20, 2 << 20, 4 << 20, 8 << 20)
+COMPUTE_ROUNDS = 3
+# A copy reads one operand and a reduce two: a copy this much slower means a stall.
+COPY_OVER_REDUCE_SUSPECT = 2.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ def run_profile(job: Any, opts: ProfileOptions, out: TextIO = sys.stdout) -> Pro
             f"flows, fit r2 {fig.r2:.3f}")
     say(f"# per-step overhead {overhead:.1f} us, reduce {1e-3 / reduce_cost:.2f} GB/s, "
         f"copy {1e-3 / copy_cost:.2f} GB/s")
+    if copy_cost > COPY_OVER_REDUCE_SUSPECT * reduce_cost:
+        say(f"# warning: a copy measured {copy_cost / reduce_cost:.1f}x slower per byte than a "
+            "reduce, which reads twice as much: the machine was likely busy during the "
+            "compute probe; profile again on a quiet machine")
     for machine in profile.machines:
         say(f"# machine: ranks {list(machine.ranks)} share {machine.cores} core(s)")
     return profile
@@ -257,28 +264,47 @@ def _overhead(prober: Prober, opts: ProfileOptions, samples: list[dict[str, Any]
 
 
 def _compute(prober: Prober, samples: list[dict[str, Any]]) -> tuple[float, float]:
-    """gamma for reduce and copy, every rank at once (they share the cores)."""
+    """gamma for reduce and copy, every rank at once (they share the cores).
+
+    One stall of the machine while the probe runs (another job, the kernel reclaiming
+    memory) once made a copy look 8x slower than a reduce, and the model then priced every
+    algorithm that copies 30-50% high. So the whole probe runs `COMPUTE_ROUNDS` times,
+    rounds outermost, and each point is the median over rounds of the slowest rank's
+    median: a stall spoils one round of a few points, not the figure.
+    """
+    vectors = {n: (torch.rand(n // 4), torch.rand(n // 4)) for n in COMPUTE_BYTES}
+    rounds: dict[tuple[str, int], list[float]] = {}
+    for _ in range(COMPUTE_ROUNDS):
+        for kind in ("reduce", "copy"):
+            for nbytes in COMPUTE_BYTES:
+                a, b = vectors[nbytes]
+                times = []
+                for _ in range(5):
+                    prober.comm.barrier()
+                    start = time.perf_counter()
+                    if kind == "reduce":
+                        a.add_(b)
+                    else:
+                        a.copy_(b)
+                    times.append((time.perf_counter() - start) * 1e6)
+                everyone = prober.job.bootstrap.all_gather_json(statistics.median(times))
+                rounds.setdefault((kind, nbytes), []).append(max(everyone))
     costs = {}
     for kind in ("reduce", "copy"):
-        points = []
-        for nbytes in COMPUTE_BYTES:
-            a = torch.rand(nbytes // 4)
-            b = torch.rand(nbytes // 4)
-            times = []
-            for _ in range(5):
-                prober.comm.barrier()
-                start = time.perf_counter()
-                if kind == "reduce":
-                    a.add_(b)
-                else:
-                    a.copy_(b)
-                times.append((time.perf_counter() - start) * 1e6)
-            everyone = prober.job.bootstrap.all_gather_json(statistics.median(times))
-            points.append((nbytes, max(everyone)))
+        per_size = {nbytes: rounds[kind, nbytes] for nbytes in COMPUTE_BYTES}
+        costs[kind] = gamma_of_rounds(per_size)
+        for nbytes, per_round in per_size.items():
             samples.append({"link": "self", "mode": kind, "bytes": nbytes, "pairs": 1,
-                            "time_us": round(max(everyone), 3)})
-        costs[kind] = max(fit_alpha_beta(points).beta_us_per_byte, 1e-9)
+                            "time_us": round(statistics.median(per_round), 3),
+                            "rounds_us": [round(t, 3) for t in per_round]})
     return costs["reduce"], costs["copy"]
+
+
+def gamma_of_rounds(per_size: dict[int, list[float]]) -> float:
+    """us per byte from {bytes: that size's time in each round}: the slope through each
+    size's median over rounds (never zero: a free copy is a fitting artefact)."""
+    points = [(nbytes, statistics.median(times)) for nbytes, times in sorted(per_size.items())]
+    return max(fit_alpha_beta(points).beta_us_per_byte, 1e-9)
 
 
 # ----- command ----------------------------------------------------------------------------
