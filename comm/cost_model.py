@@ -27,6 +27,10 @@ three refinements that matter on real clusters:
   phase by phase (`MPITransport.preferred_executor`), so there every phase pays its own
   latency. Without this, a pairwise all-to-all of 128 KiB blocks on 2x4 was priced
   seven latencies (4.8 ms) above the 17.3 ms measured (+26%);
+- **a shaper's burst**: a link behind a token bucket (`LinkProfile.burst_bytes`, fitted
+  by the profiler; tc's tbf on the emulated cluster) passes its bucket at once after its
+  uplinks rested for a round, so a lone crossing of a binomial tree at 1 MiB costs 2 ms
+  less than its bytes at the line rate say (`_burst_free`); a ring's busy uplinks get none;
 - **CPU costs**: a per-step overhead of the executor/transport and the local reduce and
   copy steps (gamma per byte), measured by the profiler;
 - **shared cores**: ranks that share a machine (the profile's `machines`: an emulated
@@ -126,7 +130,7 @@ def _shared_core_floor(schedule: Schedule, profile: Profile, comm_steps: list[li
 
 
 def _simulate(schedule: Schedule, messages: list[_Message],
-              durations: list[tuple[float, float]], natives: list[_NativeCall],
+              durations: list[tuple[float, float, float]], natives: list[_NativeCall],
               by_rank_phase: dict[tuple[int, int], list[int]],
               native_at: dict[tuple[int, int], list[int]],
               local: list[list[float]], comm_steps: list[list[int]],
@@ -162,12 +166,12 @@ def _simulate(schedule: Schedule, messages: list[_Message],
                 end = start + comm_steps[r][i] * overhead_us
                 for index in msgs:
                     m = messages[index]
-                    alpha, per_scale = durations[index]
+                    alpha, per_scale, free = durations[index]
                     begin = np.maximum(starts[m.src][m.src_phase], starts[m.dst][m.dst_phase])
                     latency_from = np.maximum(posted(m.src, m.src_phase),
                                               posted(m.dst, m.dst_phase))
                     end = np.maximum(end, np.maximum(begin, latency_from + alpha)
-                                     + per_scale * scale)
+                                     + per_scale * np.maximum(scale - free, 0.0))
                 for index in calls:
                     call = natives[index]
                     begin = np.max([starts[q][ph] for q, ph in call.phases.items()], axis=0)
@@ -296,11 +300,11 @@ def _duplex(m: _Message, topology: Topology, both_ways: set[tuple[int, int, int]
 
     Why the second case: priced one-way, ring all-reduces of 16-256 MiB on 2x4 were
     11-27% under the measured time in three full runs, and at the two-way rate 0-19%.
-    The one-way figure is fitted on single messages of up to 4 MiB after an idle link,
-    which a shaper's burst flatters (it came out above the line rate); a ring's steps
-    stream back to back. Which of the two effects rules is not settled (the profiler
-    saw two connections, one per direction, reach the line rate); the price is what
-    the measurements support. Ring rows at 1-4 MiB moved the other way (to +2..+18%)."""
+    Before the profiler fitted the shaper's burst, the one-way figure came out above the
+    line rate (the burst flattered single messages after an idle link), and a ring's
+    steps stream back to back. Which effect rules is not settled (the profiler saw two
+    connections, one per direction, reach the line rate); the price is what the
+    measurements support. Ring rows at 1-4 MiB moved the other way (to +2..+18%)."""
     if (m.round, m.dst, m.src) in both_ways:
         return True
     if m.level.kind != "inter":
@@ -314,8 +318,9 @@ _OTHER_WAY = {"up": "down", "down": "up"}
 
 
 def _message_costs(messages: list[_Message], topology: Topology, profile: Profile
-                   ) -> list[tuple[float, float]]:
-    """(alpha, microseconds per unit scale) of every message, link sharing included.
+                   ) -> list[tuple[float, float, float]]:
+    """(alpha, microseconds per unit scale, the scale that passes free) of every message,
+    link sharing and a shaper's burst (`_burst_free`) included.
 
     Concurrency is judged per round of the sender's phase: the messages of one round are
     in flight together (the executor posts a phase's communication at once, and ranks
@@ -338,11 +343,12 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
         inject[m.round, m.src, "out", m.level.kind] += m.nbytes
         inject[m.round, m.dst, "in", m.level.kind] += m.nbytes
     both_ways = {(m.round, m.src, m.dst) for m in messages}
-    out: list[tuple[float, float]] = []
+    last_round = max((m.round for m in messages), default=0)
+    out: list[tuple[float, float, float]] = []
     for m in messages:
         link = profile.link(m.level)
         if m.level.kind == "self":
-            out.append((0.0, m.nbytes * profile.copy_us_per_byte))
+            out.append((0.0, m.nbytes * profile.copy_us_per_byte, 0.0))
             continue
         beta = (link.duplex_beta if _duplex(m, topology, both_ways, load)
                 else link.beta_us_per_byte)
@@ -354,8 +360,31 @@ def _message_costs(messages: list[_Message], topology: Topology, profile: Profil
                 per_scale = max(per_scale, shared * link.shared_beta_us_per_byte)
         busiest = max((crowd[m.round, res] for res in _resources(m, topology)),
                       default=1)
-        out.append((link.alpha_with(1 if cores_shared else busiest), per_scale))
+        out.append((link.alpha_with(1 if cores_shared else busiest), per_scale,
+                    _burst_free(m, topology, link.burst_bytes, load, last_round)))
     return out
+
+
+def _burst_free(m: _Message, topology: Topology, burst: float,
+                load: dict[tuple[int, tuple[str, ...]], float], last_round: int) -> float:
+    """How much of the message's reference size passes at once through a rate shaper's
+    bucket (`LinkProfile.burst_bytes`), as a scale: 0 when the link has no burst.
+
+    Only between nodes (the shaper sits on the uplinks), and only after the uplinks it
+    crosses rested: neither carried anything in the round before (for round 0, the last
+    round: back-to-back calls). The bucket is shared in proportion to bytes by the
+    messages of the round on the busiest of them. Why: a binomial tree's two lone 1 MiB
+    crossings were priced 21-32% above the measured all-reduce in five full runs; a
+    ring, whose uplinks never rest, gets nothing. The round is the unit, not the time
+    the link rested: a short round between two crossings is counted as a full refill."""
+    if burst <= 0 or m.level.kind != "inter" or m.nbytes <= 0:
+        return 0.0
+    before = m.round - 1 if m.round > 0 else last_round
+    resources = _resources(m, topology)
+    if any((before, res) in load for res in resources):
+        return 0.0
+    busiest = max(load[m.round, res] for res in resources)
+    return burst / max(busiest, m.nbytes)
 
 
 def shares_cores(profile: Profile, topology: Topology) -> bool:

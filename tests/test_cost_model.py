@@ -270,6 +270,66 @@ def test_traffic_both_ways_through_an_uplink_runs_at_the_duplex_rate() -> None:
     assert cost([(1, 3, 0), (2, 0, 0)]) == pytest.approx(2 * wire)  # one rail: both ways
 
 
+def test_a_shaper_burst_passes_free_only_after_the_uplinks_rested() -> None:
+    """A link behind a token bucket lets `burst_bytes` through at once after its uplinks
+    carried nothing for a round; the messages of a round share that bucket. 1000 floats
+    are 4000 bytes, 4 us on the wire; the burst is 1000 bytes, 1 us."""
+    topo = Topology.from_layout([2, 2])
+    wire, free = 4.0, 1.0
+    buffers = {"data": 1000, "tmp": 1000}
+    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
+
+    def cost(sends: list[tuple[int, int, int]], burst: float = 1000.0,
+             inter_level: bool = True) -> float:
+        links = {"inter": LinkProfile(0.0, 1e-3, 1e-3, burst_bytes=burst if inter_level else 0),
+                 "intra": LinkProfile(0.0, 1e-3, 1e-3,
+                                      burst_bytes=0 if inter_level else burst)}
+        profile = Profile(links=links, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
+                          overhead_us=0.0)
+        phases: dict[int, list] = {}
+        rounds: dict[int, list[int]] = {}
+        for src, dst, rnd in sends:
+            phases.setdefault(src, []).append((Send(dst, DATA, rnd),))
+            phases.setdefault(dst, []).append((Recv(src, TMP, rnd),))
+            rounds.setdefault(src, []).append(rnd)
+            rounds.setdefault(dst, []).append(rnd)
+        programs = tuple(RankProgram(r, buffers, tuple(phases.get(r, ())),
+                                     tuple(rounds.get(r, ()))) for r in range(4))
+        return float(price(Schedule("all_reduce", "hand-made", programs, topo, spec),
+                           profile, ITEMSIZE)[0])
+
+    # A crossing after a round inside the node: the bucket is full.
+    assert cost([(0, 1, 0), (1, 2, 1)]) == pytest.approx(wire + wire - free)
+    assert cost([(0, 1, 0), (1, 2, 1)], burst=0.0) == pytest.approx(2 * wire)
+    # Node 0's uplink busy in round 1 as well: only round 1 gets the burst.
+    assert cost([(0, 1, 0), (1, 2, 1), (1, 3, 2)]) == pytest.approx(3 * wire - free)
+    # Two crossings of one round share the bucket (and the uplink: 8 us together).
+    assert cost([(0, 1, 0), (0, 2, 1), (1, 3, 1)]) == pytest.approx(wire + 2 * wire - free)
+    # The only round crosses: back-to-back calls keep the uplink busy, no burst.
+    assert cost([(1, 2, 0)]) == pytest.approx(wire)
+    # Inside a node there is no shaper: a burst there is never applied.
+    assert cost([(0, 1, 0), (1, 2, 1), (2, 3, 2)], inter_level=False) == pytest.approx(3 * wire)
+
+
+@pytest.mark.parametrize(("algorithm", "crossings"), [("ring", 0), ("tree", 2)])
+def test_a_burst_spares_a_tree_two_crossings_and_a_ring_nothing(algorithm: str,
+                                                                crossings: int) -> None:
+    """On 2x4 a binomial tree crosses once each way, each after the uplink rested; a
+    ring's uplinks carry a step every round, so its price does not move."""
+    topo = Topology.from_layout([4, 4])
+    spec = CollectiveSpec.all_reduce(8, 250_000)
+    burst, beta = 65536.0, 8e-3
+
+    def profile(b: float) -> Profile:
+        return Profile(links={"intra": LinkProfile(30.0, 3e-4, 2e-4),
+                              "inter": LinkProfile(400.0, beta, beta, burst_bytes=b)},
+                       reduce_us_per_byte=2e-4, copy_us_per_byte=1e-4, overhead_us=5.0)
+
+    saved = priced(algorithm, topo, spec, profile(0.0)) - priced(algorithm, topo, spec,
+                                                                  profile(burst))
+    assert saved == pytest.approx(crossings * burst * beta, rel=1e-6, abs=1e-6)
+
+
 def test_messages_share_a_link_by_round_not_by_phase_index() -> None:
     """Ranks 0 and 1 (node 0) both send to rank 2 (node 1), rank 1 one round later: it
     waits a round with nothing to do, a phase `finalize` drops. Both sends are then

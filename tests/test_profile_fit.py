@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from topocoll.topology.profile import ProfileError, fit_alpha_beta
+from topocoll.topology.profile import ProfileError, fit_alpha_beta, fit_with_burst
 
 SIZES = [1 << k for k in range(10, 25)]
 
@@ -87,3 +87,28 @@ def test_one_stalled_round_of_the_compute_probe_does_not_skew_gamma() -> None:
     # The figure does come from the rounds: two stalled rounds out of three do show.
     stalled[8 << 20][2] *= 7.0
     assert gamma_of_rounds(stalled) > 3 * gamma
+
+
+SWEEP = [1 << k for k in range(10, 23)]  # 1 KiB .. 4 MiB, as `topocoll profile` sweeps
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_shaper_burst_is_found_and_the_slope_is_the_line_rate(seed: int) -> None:
+    """tbf with a 256 KiB bucket at 1 Gbit/s: the first 256 KiB after a rest are free."""
+    rng = np.random.default_rng(seed)
+    alpha, beta, burst = 450.0, 8e-3, 256 * 1024
+    points = [(n, (alpha + beta * max(n - burst, 0)) * rng.uniform(0.95, 1.05)) for n in SWEEP]
+    fit, found = fit_with_burst(points)
+    assert 192 * 1024 <= found <= 384 * 1024
+    assert fit.beta_us_per_byte == pytest.approx(beta, rel=0.06)
+    # Without the burst term the slope comes out too shallow (what five profiles showed).
+    assert fit_alpha_beta(points).beta_us_per_byte < 0.97 * beta
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_link_without_a_shaper_keeps_no_burst(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    points = [(n, (30.0 + 4e-4 * n) * rng.uniform(0.9, 1.1)) for n in SWEEP]
+    fit, found = fit_with_burst(points)
+    assert found == 0.0
+    assert fit == fit_alpha_beta(points)

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +463,10 @@ def test_profile_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, Profile)
     assert loaded.to_dict() == profile.to_dict()
     assert loaded.source == str(path)
+    shaped = replace(profile, links={**profile.links, "inter": replace(
+        profile.links["inter"], burst_bytes=262144.0)})
+    shaped.save(path)
+    assert load_profile(path).links["inter"].burst_bytes == 262144.0
 
 
 def _drop(path: str) -> Callable[[dict[str, Any]], None]:
@@ -514,6 +519,8 @@ BAD_PROFILES: list[tuple[str, Mutation, list[str]]] = [
     ("overhead-negative", _edit(_setter("overhead_us", -2)), ["'overhead_us'"]),
     ("samples-not-objects", _edit(_setter("samples", [1, 2])), ["'samples'"]),
     ("versions-a-list", _edit(_setter("versions", ["x"])), ["'versions'"]),
+    ("burst-negative", _edit(_setter("links.inter.burst_bytes", -1)),
+     ["'links.inter.burst_bytes'"]),
     ("topology-invalid", _edit(_setter("topology", {"rails": 1})), ["'topology'"]),
     ("topology-infinite", _edit(_setter("topology.node_of", [float("inf")])),
      ["'topology'"]),
