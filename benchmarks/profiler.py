@@ -49,7 +49,10 @@ from .sizes import format_size, parse_sizes
 TAG = 901
 DEFAULT_SIZES = "1K:4M"
 FANOUT = (1, 4, 16, 64)
-COMPUTE_BYTES = (1 << 20, 2 << 20, 4 << 20, 8 << 20)
+# Up to 4 MiB a vector: in two full runs every rank copying 8 MiB at once ran 8x slower
+# per byte than at 1-4 MiB in every round (6.5-10.7 ms), which no collective's copies
+# showed; priced at that rate `node_leader` came out 28-51% slow.
+COMPUTE_BYTES = (1 << 20, 2 << 20, 4 << 20)
 COMPUTE_ROUNDS = 3
 # A copy reads one operand and a reduce two: a copy this much slower means a stall.
 COPY_OVER_REDUCE_SUSPECT = 2.0

@@ -187,6 +187,35 @@ def test_up_and_down_are_idempotent(state_file: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_up_refuses_while_a_job_runs_on_the_cluster(state_file: Path) -> None:
+    """`cluster up` over a cluster in use would kill the job (it once killed the suite's
+    last stage): refused naming the namespace and pid, unless --force."""
+    state = cluster_up(2, 1, rate="1gbit")
+    job = subprocess.Popen(["ip", "netns", "exec", state.nodes[1].namespace, "sleep", "600"],
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _sleepers(state.nodes[1].namespace):
+            assert time.monotonic() < deadline, "the sleeper never started"
+            time.sleep(0.1)
+        refused = _topocoll("cluster", "up", "--nodes", "2", "--ranks-per-node", "1")
+        assert refused.returncode != 0
+        assert "in use" in refused.stderr and state.nodes[1].namespace in refused.stderr
+        assert f"pid {_sleepers(state.nodes[1].namespace)[0]}" in refused.stderr
+        assert job.poll() is None, "the refused `up` killed the job"
+        with pytest.raises(cluster.ClusterError, match="in use"):
+            cluster_up(2, 1, rate="1gbit")
+        forced = _topocoll("cluster", "up", "--nodes", "2", "--ranks-per-node", "1",
+                           "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert job.wait(10) != 0  # --force replaced the cluster and killed the job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(10)
+
+
+@pytest.mark.timeout(90)
 def test_down_kills_what_a_crashed_job_left(state_file: Path) -> None:
     state = cluster_up(2, 1, rate="1gbit")
     # A rank left behind in a node, and a whole `cluster run` whose wrapper died (SIGKILL:

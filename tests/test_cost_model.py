@@ -235,6 +235,24 @@ def test_messages_of_one_phase_share_the_node_uplink(rails: int, factor: float,
         f"rails={rails}: two messages {t_two}, want alpha + {factor} x {wire}")
 
 
+def price_sends(sends: list[tuple[int, int, int]], topo: Topology, profile: Profile) -> float:
+    """Price hand-made single-message phases on four ranks: (src, dst, round) each sends
+    1000 floats, in list order per rank, tagged and timed by its round."""
+    buffers = {"data": 1000, "tmp": 1000}
+    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
+    phases: dict[int, list] = {}
+    rounds: dict[int, list[int]] = {}
+    for src, dst, rnd in sends:
+        phases.setdefault(src, []).append((Send(dst, DATA, rnd),))
+        phases.setdefault(dst, []).append((Recv(src, TMP, rnd),))
+        rounds.setdefault(src, []).append(rnd)
+        rounds.setdefault(dst, []).append(rnd)
+    programs = tuple(RankProgram(r, buffers, tuple(phases.get(r, ())),
+                                 tuple(rounds.get(r, ()))) for r in range(4))
+    return float(price(Schedule("all_reduce", "hand-made", programs, topo, spec),
+                       profile, ITEMSIZE)[0])
+
+
 def test_traffic_both_ways_through_an_uplink_runs_at_the_duplex_rate() -> None:
     """Rank 1 (node 0) sends to rank 2 (node 1) while rank 3 sends to rank 0: no pair
     swaps, but node 0's uplink carries a flow each way, as in a ring across two nodes,
@@ -246,21 +264,9 @@ def test_traffic_both_ways_through_an_uplink_runs_at_the_duplex_rate() -> None:
     profile = Profile(links=links, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
                       overhead_us=0.0)
     wire = 1000 * ITEMSIZE * 1e-3
-    buffers = {"data": 1000, "tmp": 1000}
-    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
 
     def cost(sends: list[tuple[int, int, int]], topo: Topology = topo) -> float:
-        phases: dict[int, list] = {}
-        rounds: dict[int, list[int]] = {}
-        for src, dst, rnd in sends:
-            phases.setdefault(src, []).append((Send(dst, DATA, rnd),))
-            phases.setdefault(dst, []).append((Recv(src, TMP, rnd),))
-            rounds.setdefault(src, []).append(rnd)
-            rounds.setdefault(dst, []).append(rnd)
-        programs = tuple(RankProgram(r, buffers, tuple(phases.get(r, ())),
-                                     tuple(rounds.get(r, ()))) for r in range(4))
-        return float(price(Schedule("all_reduce", "hand-made", programs, topo, spec),
-                           profile, ITEMSIZE)[0])
+        return price_sends(sends, topo, profile)
 
     assert cost([(1, 2, 0)]) == pytest.approx(wire)
     assert cost([(1, 2, 0), (3, 0, 0)]) == pytest.approx(2 * wire)  # both ways at once
@@ -276,27 +282,14 @@ def test_a_shaper_burst_passes_free_only_after_the_uplinks_rested() -> None:
     are 4000 bytes, 4 us on the wire; the burst is 1000 bytes, 1 us."""
     topo = Topology.from_layout([2, 2])
     wire, free = 4.0, 1.0
-    buffers = {"data": 1000, "tmp": 1000}
-    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
 
     def cost(sends: list[tuple[int, int, int]], burst: float = 1000.0,
              inter_level: bool = True) -> float:
         links = {"inter": LinkProfile(0.0, 1e-3, 1e-3, burst_bytes=burst if inter_level else 0),
                  "intra": LinkProfile(0.0, 1e-3, 1e-3,
                                       burst_bytes=0 if inter_level else burst)}
-        profile = Profile(links=links, reduce_us_per_byte=0.0, copy_us_per_byte=0.0,
-                          overhead_us=0.0)
-        phases: dict[int, list] = {}
-        rounds: dict[int, list[int]] = {}
-        for src, dst, rnd in sends:
-            phases.setdefault(src, []).append((Send(dst, DATA, rnd),))
-            phases.setdefault(dst, []).append((Recv(src, TMP, rnd),))
-            rounds.setdefault(src, []).append(rnd)
-            rounds.setdefault(dst, []).append(rnd)
-        programs = tuple(RankProgram(r, buffers, tuple(phases.get(r, ())),
-                                     tuple(rounds.get(r, ()))) for r in range(4))
-        return float(price(Schedule("all_reduce", "hand-made", programs, topo, spec),
-                           profile, ITEMSIZE)[0])
+        return price_sends(sends, topo, Profile(links=links, reduce_us_per_byte=0.0,
+                                                copy_us_per_byte=0.0, overhead_us=0.0))
 
     # A crossing after a round inside the node: the bucket is full.
     assert cost([(0, 1, 0), (1, 2, 1)]) == pytest.approx(wire + wire - free)

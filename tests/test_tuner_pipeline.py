@@ -41,7 +41,7 @@ def test_profile_has_every_link_class(profile_file: Path) -> None:
     assert {"pingpong", "concurrent", "fanout", "reduce", "copy"} <= modes
     assert profile.reduce_us_per_byte > 0 and profile.copy_us_per_byte > 0
     compute = [s for s in profile.samples if s["mode"] in ("reduce", "copy")]
-    assert len(compute) == 8 and all(len(s["rounds_us"]) == 3 for s in compute)
+    assert len(compute) == 6 and all(len(s["rounds_us"]) == 3 for s in compute)
 
 
 def test_tune_and_bench_with_table(profile_file: Path, tmp_path: Path) -> None:

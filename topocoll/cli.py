@@ -343,6 +343,8 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
                     help="tbf burst per uplink, let through at line speed (default: 32kb)")
     up.add_argument("--mtu", type=_positive_int, default=9000,
                     help="MTU of every emulated link (default: 9000, jumbo frames)")
+    up.add_argument("--force", action="store_true",
+                    help="replace a cluster even while a job runs on it (kills the job)")
     actions.add_parser("down", help="remove everything `up` created")
     actions.add_parser("status", help="show what exists")
     run = actions.add_parser("run", help="run a command across the nodes")
@@ -360,7 +362,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.action == "up":
             state = cluster.cluster_up(args.nodes, args.ranks_per_node, layout=args.layout,
                                        rails=args.rails, rate=args.inter_node_rate,
-                                       burst=args.burst, mtu=args.mtu)
+                                       burst=args.burst, mtu=args.mtu, force=args.force)
             print(cluster.format_status(state, state.namespaces))
             return 0
         if args.action == "down":

@@ -467,15 +467,33 @@ def cleanup(state_file: str | os.PathLike[str] | None = None) -> list[str]:
     return namespaces
 
 
+def busy_namespaces() -> dict[str, list[int]]:
+    """Our namespaces that processes live in (a job on the cluster), with their pids."""
+    busy = {ns: namespace_pids(ns) for ns in our_namespaces()}
+    return {ns: pids for ns, pids in busy.items() if pids}
+
+
 def cluster_up(nodes: int = 2, ranks_per_node: int = 4, *,
                layout: str | Sequence[int] | None = None, rails: int = 1,
                rate: str = DEFAULT_RATE, burst: str = DEFAULT_BURST,
                state_file: str | os.PathLike[str] | None = None,
-               mtu: int = DEFAULT_MTU) -> ClusterState:
-    """Create the emulated cluster (after removing any leftovers) and save its state."""
+               mtu: int = DEFAULT_MTU, force: bool = False) -> ClusterState:
+    """Create the emulated cluster (after removing any leftovers) and save its state.
+
+    Refused while processes live in a cluster's namespaces (unless `force`): removing
+    the leftovers kills them, and a `cluster up` typed while the benchmark suite ran
+    once killed the suite's last stage that way."""
     require_root()
     state = plan_cluster(resolve_layout(nodes, ranks_per_node, layout), rails, rate, burst,
                          state_file, mtu)
+    busy = {} if force else busy_namespaces()
+    if busy:
+        jobs = "; ".join(f"{ns}: pid {', '.join(map(str, pids[:5]))}"
+                         + (f" and {len(pids) - 5} more" if len(pids) > 5 else "")
+                         for ns, pids in sorted(busy.items()))
+        raise ClusterError(f"cluster up: a cluster is in use ({jobs}); wait for that job, "
+                           "or `topocoll cluster down` (which kills it) first, or pass "
+                           "--force")
     cleanup(state_file)
     try:
         _make_switch(state)
@@ -760,7 +778,7 @@ def _kill_job(state: ClusterState, procs: Sequence[subprocess.Popen[bytes]]) -> 
 __all__ = [
     "DEFAULT_BURST", "DEFAULT_MTU", "DEFAULT_STATE_FILE", "NEEDS_ROOT", "NODE_PREFIX", "STATE_ENV",
     "SWITCH_NS", "ClusterError", "ClusterState", "NodeState", "RootRequired", "agent_script",
-    "cleanup", "cluster_down", "cluster_run", "cluster_status", "cluster_up",
+    "busy_namespaces", "cleanup", "cluster_down", "cluster_run", "cluster_status", "cluster_up",
     "emulated_cluster", "format_status", "in_node", "job_env", "kill_namespace_processes",
     "load_state", "mpirun_job_command", "namespace_pids", "our_namespaces", "parse_burst",
     "parse_rate", "plan_cluster", "require_root", "require_state", "resolve_layout",

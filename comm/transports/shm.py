@@ -36,6 +36,7 @@ import contextlib
 import mmap
 import os
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -405,6 +406,11 @@ class SharedMemoryTransport(Transport):
         self._stages: dict[tuple[int, int], torch.Tensor] = {}  # one per incoming channel
         self.bell = FifoBell(self._bell_path(rank))
         self._ringer = FifoRinger()
+        # Every name this rank made in /dev/shm, unlinked at `close()`, or when the
+        # transport is collected or the interpreter exits without it: a script under
+        # plain torchrun that never calls `job.close()` left its rings behind.
+        self._paths: set[Path] = {self.bell.path}
+        self._unlink = weakref.finalize(self, _unlink_all, self._paths)
         self.cma_bytes = cma_threshold_from_env(capacity) if cma_bytes is None else cma_bytes
         if self.cma_bytes != CMA_OFF:
             cma.allow_readers()
@@ -433,6 +439,7 @@ class SharedMemoryTransport(Transport):
                     "transport between nodes")
             name = f"{PREFIX}{self.job_id}-{src}-{dst}-{tag}"
             bell = self._bell_path(peer)
+            self._paths.add(SHM_DIR / name)
             channel = _Channel(SHM_DIR / name, self.capacity,
                                lambda: self._ringer.ring(bell))
             self._channels[key] = channel
@@ -478,6 +485,14 @@ class SharedMemoryTransport(Transport):
         self._channels.clear()
         self._ringer.close()
         self.bell.close()
+        self._unlink()  # anything left (and never again at exit)
+
+
+def _unlink_all(paths: set[Path]) -> None:
+    """Unlink what a transport made: peers keep what they mapped, the names go."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
