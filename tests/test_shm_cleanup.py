@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,23 +24,15 @@ from topocoll.comm.transports.shm import (
     stale_segments,
 )
 
+# Another process runs `_exchange` below and ends, holding its transports, without close().
 EXCHANGE = textwrap.dedent("""
     import sys
-    import numpy as np
-    import torch
-    from topocoll.comm.transports.shm import CMA_OFF, SharedMemoryTransport, stale_segments
+    sys.path.insert(0, sys.argv[2])
+    from test_shm_cleanup import _exchange
+    from topocoll.comm.transports.shm import stale_segments
 
-    ns = sys.argv[1]
-    a, b = (SharedMemoryTransport(r, 2, ns, ["h", "h"], cma_bytes=CMA_OFF) for r in (0, 1))
-    data = torch.from_numpy(np.random.default_rng(3).standard_normal(1001).astype(np.float32))
-    out = torch.empty(1001)
-    send, recv = a.isend(data, 1, 7), b.irecv(out, 0, 7)
-    for _ in range(100_000):
-        if all([send.test(), recv.test()]):
-            break
-    assert torch.equal(out, data)
-    print("made", len(stale_segments(ns)))
-    # no close(): the interpreter just ends
+    kept = _exchange(sys.argv[1])
+    print("made", len(stale_segments(sys.argv[1])))
 """)
 
 
@@ -66,8 +59,9 @@ def test_a_collected_transport_unlinks_its_names() -> None:
 
 def test_a_process_that_exits_without_close_leaves_nothing() -> None:
     ns = shm_namespace(uuid.uuid4().hex[:10])
-    done = subprocess.run([sys.executable, "-c", EXCHANGE, ns], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run([sys.executable, "-c", EXCHANGE, ns, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "made 3"  # they existed while it ran
     assert stale_segments(ns) == []
