@@ -77,15 +77,19 @@ def test_one_stalled_round_of_the_compute_probe_does_not_skew_gamma() -> None:
 
     rng = np.random.default_rng(7)
     gamma = 1.7e-4
-    clean = {n: [30.0 + gamma * n * rng.uniform(0.97, 1.03) for _ in range(3)]
+    clean = {n: [5.0 + gamma * n * rng.uniform(0.97, 1.03) for _ in range(3)]
              for n in (1 << 20, 2 << 20, 4 << 20)}
     stalled = {n: list(times) for n, times in clean.items()}
     stalled[4 << 20][1] *= 7.0  # one round of the largest size ran during a stall
     stalled[1 << 20][0] *= 9.0  # and one of the smallest, in another round
     assert gamma_of_rounds(clean) == pytest.approx(gamma, rel=0.08)
     assert gamma_of_rounds(stalled) == pytest.approx(gamma, rel=0.08)
-    # The figure does come from the rounds: two stalled rounds out of three do show.
+    # One size slow in two rounds of three (fullrun17's 4 MiB copies): the others rule.
     stalled[4 << 20][2] *= 7.0
+    assert gamma_of_rounds(stalled) == pytest.approx(gamma, rel=0.08)
+    # The figure does come from the rounds: a machine slow in most of them shows.
+    stalled[2 << 20][0] *= 7.0
+    stalled[2 << 20][2] *= 7.0
     assert gamma_of_rounds(stalled) > 3 * gamma
 
 
