@@ -484,6 +484,38 @@ def test_ranks_sharing_cores_pay_their_steps_together(cores, algorithm, want) ->
     assert priced(algorithm, topology, spec, same_hosts, **params) == pytest.approx(got)
 
 
+@pytest.mark.parametrize(("cores", "rounds"), [(1, 1), (1, 2), (2, 2), (4, 2)])
+def test_a_round_where_every_rank_works_is_paced_by_the_cores(cores: int, rounds: int
+                                                               ) -> None:
+    """2x2 on one machine: in each round both pairs swap 4000 bytes in shared memory.
+    The machine's work in a round is 8 steps of 10 us and 8 copies of 4 us (each message
+    copied in and out), 112 us, so with C < 4 cores a round takes at least 112 / C us,
+    however fast one pair's link is; with a core per rank there is no floor."""
+    from topocoll.topology.profile import Machine
+
+    topo = Topology.from_layout([2, 2])
+    fast = LinkProfile(0.0, 1e-5, 1e-5)
+    profile = Profile(links={"intra": fast, "inter": fast}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=1e-3, overhead_us=10.0, topology=topo,
+                      machines=(Machine((0, 1, 2, 3), cores),))
+    sends = [(a, b, rnd) for rnd in range(rounds) for a, b in ((0, 1), (1, 0), (2, 3), (3, 2))]
+    phases: dict[int, list] = {}
+    for src, dst, rnd in sends:  # one phase per round: a swap with the node partner
+        phases.setdefault((src, rnd), []).append(Send(dst, DATA, rnd))
+        phases.setdefault((dst, rnd), []).append(Recv(src, TMP, rnd))
+    programs = tuple(RankProgram(r, {"data": 1000, "tmp": 1000},
+                                 tuple(tuple(phases[r, k]) for k in range(rounds)),
+                                 tuple(range(rounds))) for r in range(4))
+    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
+    got = float(price(Schedule("all_reduce", "hand-made", programs, topo, spec), profile,
+                      ITEMSIZE)[0])
+    one_rank = rounds * 2 * 10.0  # its own two steps (the message overlaps them)
+    if cores >= 4:
+        assert got == pytest.approx(one_rank)
+    else:
+        assert got == pytest.approx(rounds * 112.0 / cores)
+
+
 def test_latency_under_load_is_not_charged_twice_on_shared_cores() -> None:
     """On a machine with more ranks than cores the concurrent probe's latency growth is
     ranks waiting for a core, which the floor charges: messages then pay the one-flow
