@@ -480,12 +480,10 @@ class SharedMemoryTransport(Transport):
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
-            with contextlib.suppress(FileNotFoundError):
-                channel.path.unlink()
         self._channels.clear()
         self._ringer.close()
         self.bell.close()
-        self._unlink()  # anything left (and never again at exit)
+        self._unlink()  # every name this rank made, once (and never again at exit)
 
 
 def _unlink_all(paths: set[Path]) -> None:
