@@ -140,7 +140,8 @@ def _round_floors(schedule: Schedule, profile: Profile, messages: list[_Message]
     """Per rank and phase, (fixed us, us per unit scale) below which the phase cannot end:
     all the CPU work that the ranks of its machine do in that round (each step's
     overhead, each reduce and copy, each intra-node message copied in and out) over the
-    machine's cores. None unless `shares_cores`.
+    machine's cores. None unless `shares_cores`; zero on a machine with a core per rank
+    (as in `_shared_core_floor`: there the per-rank path already holds that work).
 
     Why: with eight ranks on two cores a round in which every rank works at once is paced
     by the cores, which the per-message figures (probed one pair or one block at a time)
@@ -156,7 +157,10 @@ def _round_floors(schedule: Schedule, profile: Profile, messages: list[_Message]
     machine_of: dict[int, int] = {}
     cores: dict[int, int] = {}
     for k, machine in enumerate(profile.machines):
-        for r in machine.ranks:
+        ranks = [r for r in machine.ranks if r < schedule.world_size]
+        if len(ranks) <= machine.cores:  # a core each: the per-rank path already holds it
+            continue
+        for r in ranks:
             machine_of[r] = k
         cores[k] = machine.cores
 
@@ -175,7 +179,10 @@ def _round_floors(schedule: Schedule, profile: Profile, messages: list[_Message]
                 scaled[key(rank, phase)] += m.nbytes * profile.copy_us_per_byte
     out = []
     for prog in schedule.programs:
-        share = cores.get(machine_of.get(prog.rank, -1), 1)
+        if prog.rank not in machine_of:
+            out.append([(0.0, 0.0)] * len(prog.phases))
+            continue
+        share = cores[machine_of[prog.rank]]
         out.append([(fixed[key(prog.rank, j)] / share, scaled[key(prog.rank, j)] / share)
                     for j in range(len(prog.phases))])
     return out

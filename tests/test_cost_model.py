@@ -516,6 +516,34 @@ def test_a_round_where_every_rank_works_is_paced_by_the_cores(cores: int, rounds
         assert got == pytest.approx(rounds * 112.0 / cores)
 
 
+def test_only_a_machine_with_more_ranks_than_cores_is_paced_by_them() -> None:
+    """A mixed cluster: ranks 0 and 1 swap on a machine with a core each, ranks 2 and 3
+    (idle in this schedule) share one core on another. The crowded machine makes the
+    profile one of shared cores, but the roomy machine's rounds keep their own price,
+    two steps of 10 us; with its round's work (4 steps, 4 copies of 4 us) over its two
+    cores they would cost 28 us."""
+    from dataclasses import replace
+
+    from topocoll.topology.profile import Machine
+
+    rounds = 3
+    topo = Topology.from_layout([2, 2])
+    fast = LinkProfile(0.0, 1e-5, 1e-5)
+    profile = Profile(links={"intra": fast, "inter": fast}, reduce_us_per_byte=0.0,
+                      copy_us_per_byte=1e-3, overhead_us=10.0, topology=topo,
+                      machines=(Machine((0, 1), 2), Machine((2, 3), 1)))
+    programs = tuple(
+        RankProgram(r, {"data": 1000, "tmp": 1000},
+                    tuple((Send(1 - r, DATA, k), Recv(1 - r, TMP, k)) for k in range(rounds)),
+                    tuple(range(rounds))) for r in (0, 1))
+    programs += tuple(RankProgram(r, {"data": 1000, "tmp": 1000}, (), ()) for r in (2, 3))
+    spec = {"collective": "all_reduce", "world_size": 4, "count": 1000}
+    schedule = Schedule("all_reduce", "hand-made", programs, topo, spec)
+    assert float(price(schedule, profile, ITEMSIZE)[0]) == pytest.approx(rounds * 20.0)
+    crowded = replace(profile, machines=(Machine((0, 1), 1), Machine((2, 3), 1)))
+    assert float(price(schedule, crowded, ITEMSIZE)[0]) == pytest.approx(rounds * 56.0)
+
+
 def test_latency_under_load_is_not_charged_twice_on_shared_cores() -> None:
     """On a machine with more ranks than cores the concurrent probe's latency growth is
     ranks waiting for a core, which the floor charges: messages then pay the one-flow
