@@ -21,6 +21,9 @@ from topocoll.comm.algorithms import NATIVE, TUNED
 from .sizes import format_size
 
 WITHIN = 0.10  # the acceptance line: within 10% of the best
+# A ratio computed exactly on a line lands a rounding error off it (110 / 100 - 1 is
+# 0.10000000000000009): it counts as on the line.
+ON_THE_LINE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -97,34 +100,65 @@ def summary(rows: list[RegretRow]) -> str:
                           ("model pick", [r.model_regret for r in rows])):
         known = [v for v in values if v is not None]
         if known:
-            ok = sum(1 for v in known if v <= WITHIN)
+            ok = sum(1 for v in known if v <= WITHIN + ON_THE_LINE)
             parts.append(f"{label} within {WITHIN:.0%} of the best at {ok}/{len(known)} sizes "
                          f"({ok / len(known):.0%}), worst {max(known) * 100:+.1f}%")
     return "# regret summary: " + "; ".join(parts) if parts else ""
 
 
 ACCURACY_FROM = 1 << 20  # the model is judged from 1 MiB up (below, latency noise rules)
+ACCURACY_WITHIN = 0.25  # the acceptance line: predicted within 25% of measured
 
 
 def format_accuracy(rows: Iterable[Mapping[str, Any]]) -> str:
-    """The cost model's error per row that has a prediction, and its worst from 1 MiB."""
+    """The cost model's error per row that has a prediction, and its worst from 1 MiB.
+
+    The error is judged on the row's time. Where that is a mean of back-to-back batches,
+    the error against the median batch is shown beside it. Why: the model prices a call
+    without stalls, and on a shared machine a few batches that a stall lands in move the
+    mean. In one full run every all-to-all algorithm at 1-2 MiB came out 25-31% above
+    its price while the machine slowed for a few seconds, and `pairwise` at 1 MiB has
+    batches of 100+ ms among ones of 18-20 ms in most runs. The two figures side by
+    side say whether a miss is the model's or the machine's."""
     judged = [r for r in rows if r.get("predicted_us") and r.get("time_us")]
     if not judged:
         return ""
     lines = ["# cost model: predicted vs measured",
              f"{'size':>8}  {'algorithm':<22}{'measured(us)':>14}{'predicted(us)':>15}"
-             f"{'error':>9}"]
-    worst = []
+             f"{'error':>9}{'vs median':>11}"]
+    worst: list[tuple[float, str, int]] = []
+    worst_median: list[tuple[float, str, int]] = []
     for r in judged:
-        err = float(r["predicted_us"]) / float(r["time_us"]) - 1
+        predicted = float(r["predicted_us"])
+        err = predicted / float(r["time_us"]) - 1
+        median = _median_if_mean(r)
+        err_median = err if median is None else predicted / median - 1
         name = str(r.get("chosen") or r["algorithm"])
+        beside = "-" if median is None else f"{err_median * 100:+.1f}%"
         lines.append(f"{format_size(int(r['bytes'])):>8}  {name:<22}{r['time_us']:>14.1f}"
-                     f"{r['predicted_us']:>15.1f}{err * 100:>+8.1f}%")
+                     f"{r['predicted_us']:>15.1f}{err * 100:>+8.1f}%{beside:>11}")
         if int(r["bytes"]) >= ACCURACY_FROM:
             worst.append((abs(err), name, int(r["bytes"])))
+            worst_median.append((abs(err_median), name, int(r["bytes"])))
     if worst:
-        within = sum(1 for e, _, _ in worst if e <= 0.25)
-        e, name, size = max(worst)
-        lines.append(f"# model accuracy from 1M: {within}/{len(worst)} rows within 25%, worst "
-                     f"{e * 100:.0f}% ({name} at {format_size(size)})")
+        line = f"# model accuracy from 1M: {_within(worst)}"
+        if any(_median_if_mean(r) is not None for r in judged
+               if int(r["bytes"]) >= ACCURACY_FROM):
+            line += f"; against the median batch {_within(worst_median)}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _median_if_mean(row: Mapping[str, Any]) -> float | None:
+    """The row's median sample where its time is a mean of batches, else None."""
+    if row.get("timing") != "batch" or not row.get("median_us"):
+        return None
+    return float(row["median_us"])
+
+
+def _within(errors: list[tuple[float, str, int]]) -> str:
+    """'k/n rows within 25%, worst E% (algorithm at size)' of (|error|, name, bytes)."""
+    ok = sum(1 for e, _, _ in errors if e <= ACCURACY_WITHIN + ON_THE_LINE)
+    e, name, size = max(errors)
+    return (f"{ok}/{len(errors)} rows within {ACCURACY_WITHIN:.0%}, worst {e * 100:.0f}% "
+            f"({name} at {format_size(size)})")

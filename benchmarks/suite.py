@@ -18,10 +18,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .regret import format_accuracy, regret_rows, summary
+from .steal import read_ticks, steal_line, steal_share, steal_summary
+
+STEAL_FILE = "steal.txt"  # "<stage> <share>" per line: the hypervisor's share per stage
 
 BENCH = [sys.executable, "-m", "topocoll", "bench"]
 
@@ -118,20 +123,52 @@ def _bench_args(sweep: Sweep, launcher: str, json_path: Path) -> list[str]:
 def run_sweep(sweep: Sweep, out: Path, tag: str, cluster: bool, layout: str) -> Path:
     json_path = out / f"{tag}{sweep.name}.jsonl"
     print(f"\n### {tag}{sweep.name}: {sweep.collective} over {sweep.transport}", flush=True)
-    if cluster:
-        from topocoll.topology.cluster import cluster_run
+    with metered(out, f"{tag}{sweep.name}"):
+        if cluster:
+            from topocoll.topology.cluster import cluster_run
 
-        launcher = "mpirun" if sweep.transport == "mpi" else "torchrun"
-        with open(json_path, "w"):
-            pass
-        code = cluster_run(launcher, [*BENCH, *_bench_args(sweep, launcher, json_path)],
-                           timeout=sweep.timeout_s)
-    else:
-        cmd = [*BENCH, *_bench_args(sweep, "local", json_path), "--layout", layout]
-        code = subprocess.run(cmd, timeout=sweep.timeout_s + 300).returncode
+            launcher = "mpirun" if sweep.transport == "mpi" else "torchrun"
+            with open(json_path, "w"):
+                pass
+            code = cluster_run(launcher, [*BENCH, *_bench_args(sweep, launcher, json_path)],
+                               timeout=sweep.timeout_s)
+        else:
+            cmd = [*BENCH, *_bench_args(sweep, "local", json_path), "--layout", layout]
+            code = subprocess.run(cmd, timeout=sweep.timeout_s + 300).returncode
     if code:
         print(f"!!! {sweep.name} exited with {code}", flush=True)
     return json_path
+
+
+@contextmanager
+def metered(out: Path, stage: str) -> Iterator[None]:
+    """Print the hypervisor's share of the CPU time while `stage` ran, and append it to
+    `out/STEAL_FILE` for the summary (`benchmarks.steal` says why)."""
+    before = read_ticks()
+    try:
+        yield
+    finally:
+        share = steal_share(before, read_ticks())
+        line = steal_line(stage, share)
+        if line is not None:
+            print(line, flush=True)
+            with open(out / STEAL_FILE, "a") as f:
+                f.write(f"{stage} {share:.6f}\n")
+
+
+def read_steal(out: Path) -> dict[str, float]:
+    """{stage: steal share} from a run's `STEAL_FILE` (empty if it has none)."""
+    path = out / STEAL_FILE
+    if not path.exists():
+        return {}
+    shares = {}
+    for line in path.read_text().splitlines():
+        stage, _, value = line.rpartition(" ")
+        try:
+            shares[stage] = float(value)
+        except ValueError:
+            continue
+    return shares
 
 
 def profile(out: Path, cluster: bool, layout: str) -> Path | None:
@@ -140,12 +177,13 @@ def profile(out: Path, cluster: bool, layout: str) -> Path | None:
     print("\n### profile: alpha/beta per link class", flush=True)
     argv = [sys.executable, "-m", "topocoll", "profile", "--sizes", "1K:4M", "--iters", "8",
             "--timeout", "120", "--out", str(path)]
-    if cluster:
-        from topocoll.topology.cluster import cluster_run
+    with metered(out, "profile"):
+        if cluster:
+            from topocoll.topology.cluster import cluster_run
 
-        code = cluster_run("torchrun", [*argv, "--launcher", "torchrun"], timeout=600)
-    else:
-        code = subprocess.run([*argv, "--layout", layout], timeout=900).returncode
+            code = cluster_run("torchrun", [*argv, "--launcher", "torchrun"], timeout=600)
+        else:
+            code = subprocess.run([*argv, "--layout", layout], timeout=900).returncode
     if code or not path.exists():
         print(f"!!! profile exited with {code}; no tuning in this run", flush=True)
         return None
@@ -221,8 +259,9 @@ def _time(rows: list[dict], sweep: str, algorithm: str, nbytes: int) -> float | 
     return None
 
 
-def summarize(rows: list[dict]) -> str:
-    """Headline ratios, each against a peer measured in the same run."""
+def summarize(rows: list[dict], steal: dict[str, float] | None = None) -> str:
+    """Headline ratios, each against a peer measured in the same run; with `steal`, the
+    hypervisor's share of the CPU time per stage, which says which rows to trust less."""
     lines = ["| claim | ours | peer | ratio |", "|---|---|---|---|"]
 
     def ratio(label: str, sweep: str, ours: str, peer_sweep: str, peer: str, nbytes: int,
@@ -273,6 +312,9 @@ def summarize(rows: list[dict]) -> str:
     checked = [r for r in rows if r.get("wrong") is not None]
     wrong = sum(r["wrong"] for r in checked)
     lines.append(f"| verified rows (--check) | {len(checked)} rows | #wrong total {wrong} | |")
+    stolen = steal_summary(steal or {})
+    if stolen is not None:
+        lines.append(stolen)
     return "\n".join(lines) + "\n"
 
 
@@ -315,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / STEAL_FILE).unlink(missing_ok=True)  # this run's stages only
     started = time.monotonic()
     warning = busy_machine_warning(os.getloadavg()[0], os.cpu_count() or 1)
     if warning:
@@ -349,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             paths += tuner_proof(out, False, "2,3", False)
     rows = load_rows(paths)
-    summary = summarize(rows)
+    summary = summarize(rows, read_steal(out))
     (out / "summary.md").write_text(summary)
     print("\n" + summary)
     from topocoll.reports.generate import write_report
