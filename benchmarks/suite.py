@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .regret import format_accuracy, regret_rows, summary
 from .steal import read_ticks, steal_line, steal_share, steal_summary
@@ -344,6 +345,11 @@ def busy_machine_warning(load: float, cores: int) -> str | None:
             "other work on this machine will slow our rows and the peers' unevenly")
 
 
+def cluster_links(args: argparse.Namespace) -> dict[str, Any]:
+    """The link settings every cluster of the run gets (2x4, 2 rails, 3+5 alike)."""
+    return {"rate": args.rate, "burst": args.burst, "quickack": args.quickack}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results")
@@ -354,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                              "3 iterations: the committed report's run (~20 min)")
     parser.add_argument("--rate", default="1gbit")
     parser.add_argument("--burst", default="256kb")
+    parser.add_argument("--quickack", action="store_true",
+                        help="the cluster's TCP ACKs at once (no delayed ACKs); off in the "
+                             "committed runs (reports/pairwise_delayed_ack.md)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,16 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     if use_cluster:
         from topocoll.topology.cluster import cluster_down, cluster_up
 
-        print(f"emulated cluster: 2 nodes x 4 ranks, {args.rate} uplinks", flush=True)
+        links = cluster_links(args)
+        print(f"emulated cluster: 2 nodes x 4 ranks, {args.rate} uplinks"
+              + (", quickack" if args.quickack else ""), flush=True)
         try:
-            cluster_up(2, 4, rate=args.rate, burst=args.burst)
+            cluster_up(2, 4, **links)
             paths += [run_sweep(s, out, "", True, "4,4") for s in sweeps(args.quick)]
             if not args.quick:
                 paths += tuner_proof(out, True, "4,4", args.full)
             if not args.quick:
-                cluster_up(2, 4, rails=2, rate=args.rate, burst=args.burst)
+                cluster_up(2, 4, rails=2, **links)
                 paths += [run_sweep(s, out, "", True, "4,4") for s in RAIL_SWEEPS]
-            cluster_up(layout="3,5", rate=args.rate, burst=args.burst)
+            cluster_up(layout="3,5", **links)
             measured_profile = out / "profile.json"
             uneven = [replace(s, profile=str(measured_profile)) if measured_profile.exists()
                       else s for s in UNEVEN_SWEEPS]

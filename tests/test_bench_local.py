@@ -265,3 +265,27 @@ def test_the_suite_warns_when_the_machine_is_already_busy() -> None:
     warning = busy_machine_warning(3.1, 2)
     assert warning is not None and "load average 3.1 on 2 core(s)" in warning
     assert busy_machine_warning(3.1, 8) is None
+
+
+@pytest.mark.parametrize("quickack", [False, True])
+def test_suite_gives_every_cluster_of_the_run_the_same_links(
+        quickack: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2x4 and 3+5 (and 2 rails in a full run) are brought up with the run's rate, burst
+    and quickack: a 3+5 sweep on other links than the 2x4 ones would not compare."""
+    from topocoll.benchmarks import suite
+    from topocoll.reports import generate
+    from topocoll.topology import cluster
+
+    ups: list[dict] = []
+    monkeypatch.setattr(suite, "cluster_possible", lambda: True)
+    monkeypatch.setattr(cluster, "cluster_up", lambda *a, **kw: ups.append(kw))
+    monkeypatch.setattr(cluster, "cluster_down", lambda *a, **kw: [])
+    monkeypatch.setattr(suite, "run_sweep", lambda sweep, out, *a: out / f"{sweep.name}.jsonl")
+    monkeypatch.setattr(suite, "check_simulator", lambda out: None)
+    monkeypatch.setattr(generate, "write_report", lambda paths, out: out / "index.html")
+    argv = ["--quick", "--out", str(tmp_path), "--rate", "2gbit", "--burst", "64kb"]
+    assert suite.main(argv + (["--quickack"] if quickack else [])) == 0
+    assert len(ups) == 2  # 2x4, then 3+5 (no rails in a quick run)
+    assert all(kw["rate"] == "2gbit" and kw["burst"] == "64kb" and kw["quickack"] is quickack
+               for kw in ups), ups
+    assert ups[1]["layout"] == "3,5"

@@ -28,6 +28,7 @@ from topocoll.topology.cluster import (
     cluster_run,
     cluster_up,
     emulated_cluster,
+    format_status,
     load_state,
     namespace_pids,
     our_namespaces,
@@ -300,6 +301,18 @@ def test_uneven_layout_with_two_rails(state_file: Path) -> None:
         assert f"mtu {state.mtu} " in bridge, bridge
     hosts = Path("/etc/netns", state.nodes[1].namespace, "hosts").read_text()
     assert "10.77.0.1 node0" in hosts
+    for node in state.nodes:  # Linux's delayed ACKs unless --quickack
+        assert "quickack" not in _sh("ip", "-n", node.namespace, "route", "show")
+
+
+def test_quickack_routes_on_every_rail_of_every_node(state_file: Path) -> None:
+    state = cluster_up(layout="2,3", rails=2, quickack=True)
+    for node in state.nodes:
+        routes = _sh("ip", "-n", node.namespace, "-o", "route", "show").splitlines()
+        for rail in range(2):
+            mine = [r for r in routes if r.startswith(f"10.77.{rail}.0/24 dev eth{rail} ")]
+            assert len(mine) == 1 and "quickack 1" in mine[0], routes
+    assert "quickack" in format_status(state, state.namespaces)
 
 
 @pytest.mark.timeout(120)

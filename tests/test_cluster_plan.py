@@ -33,3 +33,21 @@ def test_state_written_before_the_mtu_field_loads_with_the_old_links() -> None:
     assert ClusterState.from_dict(data).mtu == 1500
     del data["mtu"]
     assert ClusterState.from_dict(data).mtu == 1500  # what the kernel gave those links
+
+
+def test_quickack_is_off_unless_asked_and_names_every_rail_route() -> None:
+    """Linux delays ACKs by default, and the committed runs measure that cluster: the
+    option must be asked for, and state files written before it load with it off."""
+    from topocoll.topology.cluster import quickack_route
+
+    assert plan_cluster([2, 2]).quickack is False
+    state = plan_cluster([3, 5], rails=2, quickack=True)
+    assert state.quickack is True
+    node = state.nodes[1]
+    assert quickack_route(state, node, 1) == [
+        "route", "replace", "10.77.1.0/24", "dev", "eth1", "proto", "kernel", "scope",
+        "link", "src", "10.77.1.2", "quickack", "1"]
+    data = dataclasses.asdict(state)
+    assert ClusterState.from_dict(data).quickack is True
+    del data["quickack"]
+    assert ClusterState.from_dict(data).quickack is False

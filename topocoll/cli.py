@@ -345,6 +345,9 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
                     help="MTU of every emulated link (default: 9000, jumbo frames)")
     up.add_argument("--force", action="store_true",
                     help="replace a cluster even while a job runs on it (kills the job)")
+    up.add_argument("--quickack", action="store_true",
+                    help="TCP on every node ACKs at once (route quickack 1) instead of "
+                         "delaying ACKs up to 40 ms")
     actions.add_parser("down", help="remove everything `up` created")
     actions.add_parser("status", help="show what exists")
     run = actions.add_parser("run", help="run a command across the nodes")
@@ -362,7 +365,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.action == "up":
             state = cluster.cluster_up(args.nodes, args.ranks_per_node, layout=args.layout,
                                        rails=args.rails, rate=args.inter_node_rate,
-                                       burst=args.burst, mtu=args.mtu, force=args.force)
+                                       burst=args.burst, mtu=args.mtu, force=args.force,
+                                       quickack=args.quickack)
             print(cluster.format_status(state, state.namespaces))
             return 0
         if args.action == "down":
