@@ -58,7 +58,8 @@ def steal_share(before: CpuTicks | None, after: CpuTicks | None) -> float | None
 
 
 def steal_line(sweep: str, share: float | None) -> str | None:
-    """The line printed after a sweep: None where steal is unknown."""
+    """The line printed after a stage (a sweep, the profile): None where steal is
+    unknown."""
     if share is None:
         return None
     line = f"# {sweep}: the hypervisor took {share:.1%} of the CPU time (steal)"
@@ -68,12 +69,12 @@ def steal_line(sweep: str, share: float | None) -> str | None:
 
 
 def steal_summary(shares: dict[str, float]) -> str | None:
-    """One summary table row naming the sweeps above `STEAL_WARN`, or saying there were
+    """One summary table row naming the stages above `STEAL_WARN`, or saying there were
     none; None if steal was never known."""
     if not shares:
         return None
     worst = max(shares, key=lambda name: shares[name])
     above = [f"{name} {share:.1%}" for name, share in shares.items() if share > STEAL_WARN]
     detail = ", ".join(above) if above else f"none above {STEAL_WARN:.0%}"
-    return (f"| CPU time taken by the hypervisor (steal), per sweep | {detail} | | "
+    return (f"| CPU time taken by the hypervisor (steal), per stage | {detail} | | "
             f"worst {worst} {shares[worst]:.1%} |")
