@@ -347,7 +347,8 @@ def busy_machine_warning(load: float, cores: int) -> str | None:
 
 def cluster_links(args: argparse.Namespace) -> dict[str, Any]:
     """The link settings every cluster of the run gets (2x4, 2 rails, 3+5 alike)."""
-    return {"rate": args.rate, "burst": args.burst, "quickack": args.quickack}
+    return {"rate": args.rate, "burst": args.burst, "quickack": args.quickack,
+            "congestion_control": args.congestion_control}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quickack", action="store_true",
                         help="the cluster's TCP ACKs at once (no delayed ACKs); off in the "
                              "committed runs (reports/pairwise_delayed_ack.md)")
+    parser.add_argument("--congestion-control", default="cubic", metavar="NAME",
+                        help="TCP congestion control of the cluster's routes (default cubic, "
+                             "Linux's default; 'host' keeps this machine's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         from topocoll.topology.cluster import cluster_down, cluster_up
 
         links = cluster_links(args)
-        print(f"emulated cluster: 2 nodes x 4 ranks, {args.rate} uplinks"
-              + (", quickack" if args.quickack else ""), flush=True)
+        print(f"emulated cluster: 2 nodes x 4 ranks, {args.rate} uplinks, TCP "
+              f"{args.congestion_control}" + (", quickack" if args.quickack else ""),
+              flush=True)
         try:
             cluster_up(2, 4, **links)
             paths += [run_sweep(s, out, "", True, "4,4") for s in sweeps(args.quick)]

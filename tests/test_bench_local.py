@@ -267,11 +267,13 @@ def test_the_suite_warns_when_the_machine_is_already_busy() -> None:
     assert busy_machine_warning(3.1, 8) is None
 
 
-@pytest.mark.parametrize("quickack", [False, True])
+@pytest.mark.parametrize(("quickack", "congestion"), [(False, None), (True, "reno")])
 def test_suite_gives_every_cluster_of_the_run_the_same_links(
-        quickack: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """2x4 and 3+5 (and 2 rails in a full run) are brought up with the run's rate, burst
-    and quickack: a 3+5 sweep on other links than the 2x4 ones would not compare."""
+        quickack: bool, congestion: str | None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """2x4 and 3+5 (and 2 rails in a full run) are brought up with the run's rate, burst,
+    quickack and congestion control (cubic unless told): a 3+5 sweep on other links than
+    the 2x4 ones would not compare."""
     from topocoll.benchmarks import suite
     from topocoll.reports import generate
     from topocoll.topology import cluster
@@ -284,8 +286,10 @@ def test_suite_gives_every_cluster_of_the_run_the_same_links(
     monkeypatch.setattr(suite, "check_simulator", lambda out: None)
     monkeypatch.setattr(generate, "write_report", lambda paths, out: out / "index.html")
     argv = ["--quick", "--out", str(tmp_path), "--rate", "2gbit", "--burst", "64kb"]
-    assert suite.main(argv + (["--quickack"] if quickack else [])) == 0
+    argv += ["--quickack"] if quickack else []
+    argv += ["--congestion-control", congestion] if congestion else []
+    assert suite.main(argv) == 0
     assert len(ups) == 2  # 2x4, then 3+5 (no rails in a quick run)
     assert all(kw["rate"] == "2gbit" and kw["burst"] == "64kb" and kw["quickack"] is quickack
-               for kw in ups), ups
+               and kw["congestion_control"] == (congestion or "cubic") for kw in ups), ups
     assert ups[1]["layout"] == "3,5"

@@ -301,8 +301,10 @@ def test_uneven_layout_with_two_rails(state_file: Path) -> None:
         assert f"mtu {state.mtu} " in bridge, bridge
     hosts = Path("/etc/netns", state.nodes[1].namespace, "hosts").read_text()
     assert "10.77.0.1 node0" in hosts
-    for node in state.nodes:  # Linux's delayed ACKs unless --quickack
-        assert "quickack" not in _sh("ip", "-n", node.namespace, "route", "show")
+    for node in state.nodes:  # Linux's delayed ACKs unless --quickack; cubic, pinned
+        routes = _sh("ip", "-n", node.namespace, "route", "show")
+        assert "quickack" not in routes and "congctl cubic" in routes, routes
+    assert "TCP cubic" in format_status(state, state.namespaces)
 
 
 def test_quickack_routes_on_every_rail_of_every_node(state_file: Path) -> None:
@@ -313,6 +315,67 @@ def test_quickack_routes_on_every_rail_of_every_node(state_file: Path) -> None:
             mine = [r for r in routes if r.startswith(f"10.77.{rail}.0/24 dev eth{rail} ")]
             assert len(mine) == 1 and "quickack 1" in mine[0], routes
     assert "quickack" in format_status(state, state.namespaces)
+
+
+_CONGESTION_OF = """
+import socket, sys
+def algorithm(sock):
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\\0").decode()
+if sys.argv[1] == "serve":
+    server = socket.create_server((sys.argv[2], 0))
+    print(server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    print(algorithm(conn), flush=True)
+    conn.recv(1)
+elif sys.argv[1] == "connect":
+    client = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=20)
+    print(algorithm(client), flush=True)
+    client.sendall(b"x")
+else:
+    for host in sys.argv[2:]:
+        server = socket.create_server((host, 0))
+        client = socket.create_connection(server.getsockname(), timeout=20)
+        conn, _ = server.accept()
+        print(host, algorithm(client), algorithm(conn), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_every_connection_of_a_node_uses_the_clusters_congestion_control(
+        state_file: Path) -> None:
+    """Real sockets, not just the route table: between nodes (both ends) and inside a
+    node (its rail address and loopback). reno is the default of no machine we know, so
+    this fails wherever the routes are not what the connections take."""
+    state = cluster_up(2, 1, congestion_control="reno")
+    node0, node1 = (node.namespace for node in state.nodes)
+    server = subprocess.Popen(["ip", "netns", "exec", node1, sys.executable, "-c",
+                               _CONGESTION_OF, "serve", "10.77.0.2"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        client = subprocess.run(["ip", "netns", "exec", node0, sys.executable, "-c",
+                                 _CONGESTION_OF, "connect", "10.77.0.2", port],
+                                capture_output=True, text=True, timeout=60)
+        assert client.stdout.split() == ["reno"], client.stderr
+        assert server.stdout.readline().strip() == "reno"
+    finally:
+        server.kill()
+        server.wait(timeout=20)
+    inside = subprocess.run(["ip", "netns", "exec", node0, sys.executable, "-c",
+                             _CONGESTION_OF, "local", "10.77.0.1", "127.0.0.1"],
+                            capture_output=True, text=True, timeout=60)
+    assert inside.stdout.splitlines() == ["10.77.0.1 reno reno", "127.0.0.1 reno reno"], \
+        inside.stderr
+    assert "TCP reno" in format_status(state, state.namespaces)
+
+
+def test_up_refuses_a_congestion_control_the_kernel_lacks(state_file: Path) -> None:
+    result = _topocoll("cluster", "up", "--nodes", "2", "--ranks-per-node", "1",
+                       "--congestion-control", "nosuchalgo")
+    assert result.returncode != 0
+    assert "'nosuchalgo' is not available" in result.stderr and "Traceback" not in \
+        result.stderr, result.stderr
+    assert our_namespaces() == []
 
 
 @pytest.mark.timeout(120)

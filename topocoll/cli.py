@@ -348,6 +348,9 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--quickack", action="store_true",
                     help="TCP on every node ACKs at once (route quickack 1) instead of "
                          "delaying ACKs up to 40 ms")
+    up.add_argument("--congestion-control", default="cubic", metavar="NAME",
+                    help="TCP congestion control on every node route (default: cubic, "
+                         "Linux's default; 'host' keeps this machine's default)")
     actions.add_parser("down", help="remove everything `up` created")
     actions.add_parser("status", help="show what exists")
     run = actions.add_parser("run", help="run a command across the nodes")
@@ -366,7 +369,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             state = cluster.cluster_up(args.nodes, args.ranks_per_node, layout=args.layout,
                                        rails=args.rails, rate=args.inter_node_rate,
                                        burst=args.burst, mtu=args.mtu, force=args.force,
-                                       quickack=args.quickack)
+                                       quickack=args.quickack,
+                                       congestion_control=args.congestion_control)
             print(cluster.format_status(state, state.namespaces))
             return 0
         if args.action == "down":

@@ -21,6 +21,11 @@ What `cluster_up` creates (2 nodes, 2 rails)::
   side limits what a node sends, the switch side what it receives, like a real NIC.
   tbf lets `burst` bytes through at line speed, so it is kept small beside the messages
   we time and recorded in the state (a physical bound may add it back);
+- TCP congestion control pinned on every route a node's TCP uses (its rail subnets, its
+  own addresses and loopback), `cubic` by default: Linux's default. Namespaces otherwise
+  inherit the machine's choice, and this VM's is `bbr`, under which a 1 MiB `pairwise`
+  all-to-all over Gloo had batches of 55-180 ms among ones of 18-20 ms (mean 30-37 ms
+  against 18.4-18.9 with cubic, Gloo's own all-to-all 21.6-23.6 against 18.5-18.8);
 - jumbo frames on every veth and bridge (MTU 9000 by default, as cluster fabrics use):
   at 1500 bytes this 2-core machine spends the link's time in per-packet kernel work
   (one bulk flow 107 MB/s instead of 124, Gloo's 64 MiB all-reduce 1.6 s instead of
@@ -72,6 +77,9 @@ DEFAULT_BURST = "32kb"
 DEFAULT_LATENCY = "50ms"
 DEFAULT_MTU = 9000
 LEGACY_MTU = 1500
+DEFAULT_CONGESTION_CONTROL = "cubic"  # Linux's default, whatever the machine runs
+HOST_CONGESTION_CONTROL = "host"  # leave the routes alone: the machine's default applies
+AVAILABLE_CONGESTION_CONTROL = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 MIN_MTU, MAX_MTU = 1280, 65535
 DEFAULT_TIMEOUT = 600.0
 STATE_ENV = "TOPOCOLL_CLUSTER_STATE"
@@ -143,6 +151,7 @@ class ClusterState:
     created: float = field(default_factory=time.time)
     mtu: int = DEFAULT_MTU  # of every veth and bridge
     quickack: bool = False  # every node's routes ACK at once (no delayed ACKs): see up
+    congestion_control: str = DEFAULT_CONGESTION_CONTROL  # of every node route: see up
 
     @property
     def world_size(self) -> int:
@@ -161,6 +170,8 @@ class ClusterState:
         fields["nodes"] = [NodeState(**node) for node in fields["nodes"]]
         fields.setdefault("mtu", LEGACY_MTU)  # written before the field: kernel default links
         fields.setdefault("quickack", False)  # written before the field: delayed ACKs
+        # written before the field: the routes were left to the machine's default
+        fields.setdefault("congestion_control", HOST_CONGESTION_CONTROL)
         return cls(**fields)
 
 
@@ -243,8 +254,12 @@ def resolve_layout(nodes: int = 2, ranks_per_node: int = 4,
 
 def plan_cluster(layout: Sequence[int], rails: int = 1, rate: str = DEFAULT_RATE,
                  burst: str = DEFAULT_BURST, state_file: str | os.PathLike[str] | None = None,
-                 mtu: int = DEFAULT_MTU, quickack: bool = False) -> ClusterState:
+                 mtu: int = DEFAULT_MTU, quickack: bool = False,
+                 congestion_control: str = DEFAULT_CONGESTION_CONTROL) -> ClusterState:
     """Names and addresses of a cluster, without creating anything (pure, testable)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", congestion_control):
+        raise ValueError(f"congestion control {congestion_control!r}: give an algorithm's "
+                         f"name (e.g. cubic, reno, bbr) or {HOST_CONGESTION_CONTROL!r}")
     if not 1 <= rails <= MAX_RAILS:
         raise ValueError(f"rails must be 1..{MAX_RAILS}, not {rails}")
     if not MIN_MTU <= mtu <= MAX_MTU:
@@ -267,7 +282,7 @@ def plan_cluster(layout: Sequence[int], rails: int = 1, rate: str = DEFAULT_RATE
         subnets=[f"{SUBNET_PREFIX}.{k}.0/24" for k in range(rails)], nodes=nodes,
         topology=f"{','.join(str(n) for n in layout)}:rails={rails}",
         state_file=str(file), agent=str(file.parent / AGENT_NAME), mtu=mtu,
-        quickack=quickack)
+        quickack=quickack, congestion_control=congestion_control)
 
 
 # ----- running ip / tc ------------------------------------------------------------------
@@ -369,21 +384,69 @@ def _make_node(state: ClusterState, node: NodeState) -> None:
         _ip(node.namespace, "link", "set", device, "up")
         _tbf(node.namespace, device, state)  # what the node sends
         _tbf(state.switch, port, state)  # what the node receives
-        if state.quickack:
-            _ip(node.namespace, *quickack_route(state, node, rail))
+    for route in node_routes(state, node):
+        _ip(node.namespace, *route)
 
 
-def quickack_route(state: ClusterState, node: NodeState, rail: int) -> list[str]:
-    """`ip route` arguments that give the rail's subnet route `quickack 1`: TCP on the
-    node then ACKs every segment at once instead of delaying ACKs up to 40 ms.
+def _route_options(state: ClusterState) -> list[str]:
+    if state.congestion_control == HOST_CONGESTION_CONTROL:
+        return []
+    return ["congctl", state.congestion_control]
 
-    Why an option: on 2x4 a 1 MiB `pairwise` all-to-all over Gloo had batches of 50-150
-    ms among ones of 17-20 ms (mean 24 ms against a median of 18), which the cost model
-    does not price, and a 256 KiB `bruck` took 16.4 ms on average against 7.6 with
-    quickack. Gloo's own all-to-all moved by under 3%. Off by default: Linux delays ACKs
-    unless told otherwise, and the committed runs measure that cluster."""
+
+def rail_route(state: ClusterState, node: NodeState, rail: int) -> list[str]:
+    """`ip route` arguments for the rail's subnet route: `congctl` (see `node_routes`)
+    and, with `state.quickack`, `quickack 1`: TCP on the node then ACKs every segment at
+    once instead of delaying ACKs up to 40 ms.
+
+    Why quickack is an option: under bbr (before the congestion control was pinned) a
+    1 MiB `pairwise` all-to-all over Gloo on 2x4 had batches of 50-150 ms among ones of
+    17-20 ms, and quickack removed them. Off by default: Linux delays ACKs unless told
+    otherwise (reports/pairwise_delayed_ack.md)."""
     return ["route", "replace", state.subnets[rail], "dev", node.devices[rail], "proto",
-            "kernel", "scope", "link", "src", node.addresses[rail], "quickack", "1"]
+            "kernel", "scope", "link", "src", node.addresses[rail], *_route_options(state),
+            *(["quickack", "1"] if state.quickack else [])]
+
+
+def node_routes(state: ClusterState, node: NodeState) -> list[list[str]]:
+    """The `ip route` arguments that give every route the node's TCP can take the
+    cluster's congestion control (and the rail routes quickack when asked).
+
+    Rail subnets carry traffic between nodes; the local table's routes (the node's own
+    rail addresses, loopback) carry Gloo's and TCPStore's connections inside the node,
+    which the peers' baselines use. Per route rather than the namespace's sysctl because
+    a namespace may only default to algorithms in the machine-wide allowed list (`reno
+    bbr` on this VM), and routes leave the machine's own settings untouched."""
+    options = _route_options(state)
+    routes = [rail_route(state, node, rail) for rail in range(state.rails)
+              if options or state.quickack]
+    if options:
+        routes += [["route", "replace", "table", "local", "local", address, "dev", device,
+                    "proto", "kernel", "scope", "host", "src", address, *options]
+                   for device, address in zip(node.devices, node.addresses)]
+        routes += [["route", "replace", "table", "local", "local", prefix, "dev", "lo",
+                    "proto", "kernel", "scope", "host", "src", "127.0.0.1", *options]
+                   for prefix in ("127.0.0.0/8", "127.0.0.1")]
+    return routes
+
+
+def available_congestion_controls() -> list[str]:
+    """The TCP congestion control algorithms this kernel has loaded."""
+    try:
+        return AVAILABLE_CONGESTION_CONTROL.read_text().split()
+    except OSError:
+        return []
+
+
+def check_congestion_control(name: str, available: Sequence[str]) -> None:
+    """Refuse, before creating anything, an algorithm the kernel does not have: `ip
+    route ... congctl` would fail half-way through `up` with a bare RTNETLINK error."""
+    if name == HOST_CONGESTION_CONTROL or name in available:
+        return
+    raise ClusterError(
+        f"cluster up: TCP congestion control {name!r} is not available on this machine "
+        f"(it has: {' '.join(available) or 'none listed'}); pass --congestion-control with "
+        f"one of those, or {HOST_CONGESTION_CONTROL!r} to keep the machine's default")
 
 
 def hosts_file(state: ClusterState) -> str:
@@ -496,7 +559,8 @@ def cluster_up(nodes: int = 2, ranks_per_node: int = 4, *,
                rate: str = DEFAULT_RATE, burst: str = DEFAULT_BURST,
                state_file: str | os.PathLike[str] | None = None,
                mtu: int = DEFAULT_MTU, force: bool = False,
-               quickack: bool = False) -> ClusterState:
+               quickack: bool = False,
+               congestion_control: str = DEFAULT_CONGESTION_CONTROL) -> ClusterState:
     """Create the emulated cluster (after removing any leftovers) and save its state.
 
     Refused while processes live in a cluster's namespaces (unless `force`): removing
@@ -504,7 +568,8 @@ def cluster_up(nodes: int = 2, ranks_per_node: int = 4, *,
     once killed the suite's last stage that way."""
     require_root()
     state = plan_cluster(resolve_layout(nodes, ranks_per_node, layout), rails, rate, burst,
-                         state_file, mtu, quickack)
+                         state_file, mtu, quickack, congestion_control)
+    check_congestion_control(congestion_control, available_congestion_controls())
     busy = {} if force else busy_namespaces()
     if busy:
         jobs = "; ".join(f"{ns}: pid {', '.join(map(str, pids[:5]))}"
@@ -543,6 +608,20 @@ def emulated_cluster(nodes: int = 2, ranks_per_node: int = 4, **kwargs: Any,
         cluster_down(state_file)
 
 
+def congestion_control_text(state: ClusterState) -> str:
+    """`cubic`, or what the machine's default was when the routes were left to it."""
+    if state.congestion_control != HOST_CONGESTION_CONTROL:
+        return state.congestion_control
+    return f"the machine's default ({machine_congestion_control()})"
+
+
+def machine_congestion_control() -> str:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def format_status(state: ClusterState | None, present: Sequence[str] = ()) -> str:
     """What `cluster status` prints: the state, or "no cluster" (and any leftovers)."""
     if state is None:
@@ -556,7 +635,7 @@ def format_status(state: ClusterState | None, present: Sequence[str] = ()) -> st
         f"emulated cluster: {len(state.nodes)} nodes (layout {layout}, "
         f"{state.world_size} ranks), {state.rails} rail(s), {state.rate} per uplink "
         f"each way (tbf burst {state.burst} = {state.burst_bytes} B, latency "
-        f"{state.latency}), MTU {state.mtu}"
+        f"{state.latency}), MTU {state.mtu}, TCP {congestion_control_text(state)}"
         + (", quickack (no delayed ACKs)" if state.quickack else ""),
         f"state {state.state_file}; {TOPOLOGY_ENV_VAR}={state.topology}",
     ]
