@@ -124,14 +124,25 @@ def _shared_core_floor(schedule: Schedule, profile: Profile, comm_steps: list[li
     their gamma is measured with every rank computing at once, so the per-rank path
     already holds their share of the cores. Zero unless `shares_cores`."""
     floor = np.zeros_like(scale)
+    for ranks, cores in _crowded_machines(schedule, profile):
+        steps = sum(sum(comm_steps[r]) for r in ranks)
+        floor = np.maximum(floor, steps * profile.overhead_us / cores)
+    return floor
+
+
+def _crowded_machines(schedule: Schedule, profile: Profile) -> list[tuple[list[int], int]]:
+    """(ranks, cores) of each machine with more of the schedule's ranks than cores, the
+    only machines both CPU floors charge: on one with a core per rank the per-rank path
+    already holds that work. None unless `shares_cores`. One test for both floors, so
+    they cannot drift apart again (the round floor once charged roomy machines too)."""
     if not shares_cores(profile, schedule.topology):
-        return floor
+        return []
+    crowded = []
     for machine in profile.machines:
         ranks = [r for r in machine.ranks if r < schedule.world_size]
-        if len(ranks) > machine.cores:  # a core each: the per-rank path already holds it
-            steps = sum(sum(comm_steps[r]) for r in ranks)
-            floor = np.maximum(floor, steps * profile.overhead_us / machine.cores)
-    return floor
+        if len(ranks) > machine.cores:
+            crowded.append((ranks, machine.cores))
+    return crowded
 
 
 def _round_floors(schedule: Schedule, profile: Profile, messages: list[_Message],
@@ -156,27 +167,27 @@ def _round_floors(schedule: Schedule, profile: Profile, messages: list[_Message]
         return None
     machine_of: dict[int, int] = {}
     cores: dict[int, int] = {}
-    for k, machine in enumerate(profile.machines):
-        ranks = [r for r in machine.ranks if r < schedule.world_size]
-        if len(ranks) <= machine.cores:  # a core each: the per-rank path already holds it
-            continue
+    for k, (ranks, machine_cores) in enumerate(_crowded_machines(schedule, profile)):
         for r in ranks:
             machine_of[r] = k
-        cores[k] = machine.cores
+        cores[k] = machine_cores
 
     def key(rank: int, phase: int) -> tuple[int, int]:
-        return machine_of.get(rank, -1 - rank), schedule.programs[rank].round_of(phase)
+        return machine_of[rank], schedule.programs[rank].round_of(phase)
 
     fixed: dict[tuple[int, int], float] = defaultdict(float)
     scaled: dict[tuple[int, int], float] = defaultdict(float)
     for prog in schedule.programs:
+        if prog.rank not in machine_of:  # a roomy machine's ranks: no floor to sum up
+            continue
         for j in range(len(prog.phases)):
             fixed[key(prog.rank, j)] += comm_steps[prog.rank][j] * profile.overhead_us
             scaled[key(prog.rank, j)] += local[prog.rank][j]
     for m in messages:
         if m.level.kind == "intra":  # a shared-memory message is a copy on each side
             for rank, phase in ((m.src, m.src_phase), (m.dst, m.dst_phase)):
-                scaled[key(rank, phase)] += m.nbytes * profile.copy_us_per_byte
+                if rank in machine_of:
+                    scaled[key(rank, phase)] += m.nbytes * profile.copy_us_per_byte
     out = []
     for prog in schedule.programs:
         if prog.rank not in machine_of:
