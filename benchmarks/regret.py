@@ -117,10 +117,10 @@ def format_accuracy(rows: Iterable[Mapping[str, Any]]) -> str:
     the error against the median batch is shown beside it. Why: the model prices a call
     without stalls, and on a shared machine a few batches that a stall lands in move the
     mean. In one full run every all-to-all algorithm at 1-2 MiB came out 25-31% above
-    its price while the machine slowed for a few seconds, and `pairwise` at 1 MiB has
-    batches of 100+ ms among ones of 18-20 ms in most runs (TCP's delayed ACKs:
-    reports/pairwise_delayed_ack.md). The two figures side by side say whether a miss is
-    the model's or a stall's."""
+    its price while the machine slowed for a few seconds, and `pairwise` at 1 MiB had
+    batches of 100+ ms among ones of 18-20 ms in every run while the emulated cluster
+    ran this VM's `bbr` congestion control (reports/pairwise_delayed_ack.md). The two
+    figures side by side say whether a miss is the model's or a stall's."""
     judged = [r for r in rows if r.get("predicted_us") and r.get("time_us")]
     if not judged:
         return ""

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from topocoll.topology.cluster import add_tcp_arguments
+
 from .regret import format_accuracy, regret_rows, summary
 from .steal import read_ticks, steal_line, steal_share, steal_summary
 
@@ -368,12 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                              "3 iterations: the committed report's run (~20 min)")
     parser.add_argument("--rate", default="1gbit")
     parser.add_argument("--burst", default="256kb")
-    parser.add_argument("--quickack", action="store_true",
-                        help="the cluster's TCP ACKs at once (no delayed ACKs); off in the "
-                             "committed runs (reports/pairwise_delayed_ack.md)")
-    parser.add_argument("--congestion-control", default="cubic", metavar="NAME",
-                        help="TCP congestion control of the cluster's routes (default cubic, "
-                             "Linux's default; 'host' keeps this machine's)")
+    add_tcp_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -330,6 +330,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 # ----- not yet landed ------------------------------------------------------------------
 def add_cluster(sub: argparse._SubParsersAction) -> None:
+    from topocoll.topology.cluster import add_tcp_arguments
+
     p = sub.add_parser("cluster", help="emulated multi-node cluster (network namespaces)",
                        description="Bring an emulated cluster up or down, or run a job on it.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -345,12 +347,7 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
                     help="MTU of every emulated link (default: 9000, jumbo frames)")
     up.add_argument("--force", action="store_true",
                     help="replace a cluster even while a job runs on it (kills the job)")
-    up.add_argument("--quickack", action="store_true",
-                    help="TCP on every node ACKs at once (route quickack 1) instead of "
-                         "delaying ACKs up to 40 ms")
-    up.add_argument("--congestion-control", default="cubic", metavar="NAME",
-                    help="TCP congestion control on every node route (default: cubic, "
-                         "Linux's default; 'host' keeps this machine's default)")
+    add_tcp_arguments(up)
     actions.add_parser("down", help="remove everything `up` created")
     actions.add_parser("status", help="show what exists")
     run = actions.add_parser("run", help="run a command across the nodes")

@@ -49,6 +49,7 @@ one torchrun per node namespace (static rendezvous on node 0's rail-0 address).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -428,6 +429,20 @@ def node_routes(state: ClusterState, node: NodeState) -> list[list[str]]:
                     "proto", "kernel", "scope", "host", "src", "127.0.0.1", *options]
                    for prefix in ("127.0.0.0/8", "127.0.0.1")]
     return routes
+
+
+def add_tcp_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--quickack` and `--congestion-control`, for every command that brings a cluster
+    up (`topocoll cluster up`, the benchmark suite): one spelling, one default."""
+    parser.add_argument("--quickack", action="store_true",
+                        help="TCP on every node ACKs at once (route quickack 1) instead of "
+                             "delaying ACKs up to 40 ms; off in the committed runs "
+                             "(reports/pairwise_delayed_ack.md)")
+    parser.add_argument("--congestion-control", default=DEFAULT_CONGESTION_CONTROL,
+                        metavar="NAME",
+                        help=f"TCP congestion control on every node route (default: "
+                             f"{DEFAULT_CONGESTION_CONTROL}, Linux's default; "
+                             f"'{HOST_CONGESTION_CONTROL}' keeps this machine's default)")
 
 
 def available_congestion_controls() -> list[str]:
